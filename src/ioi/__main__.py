@@ -1,0 +1,5 @@
+import sys
+
+from ioi.cli import main
+
+sys.exit(main())

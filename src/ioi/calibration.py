@@ -1,0 +1,136 @@
+"""Loading the calibration files named in ``paths.ini`` (the I/O edge).
+
+Each file is read once per run, flipped left-right when ``--f`` is given, and
+checked for shape against the science frame before any stage uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ioi import fitsio
+from ioi.config import PathsConfig, PipelineConfig
+from ioi.errors import ExitCode, InputError, IoiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Calibration arrays for the stages, all (ny, nx) float32 (coefficients (order+1, ny, nx))."""
+
+    flat: np.ndarray | None = None
+    masks: dict = dataclasses.field(default_factory=dict)  # "FLAT"/"LIN" -> 1/NaN array
+    lin_coeffs: np.ndarray | None = None
+    files: dict = dataclasses.field(default_factory=dict)  # what -> Path, for provenance
+    flipped: bool = False
+
+    def check_shape(self, shape) -> None:
+        """Raise exit 29 when the science frame does not match the calibration arrays."""
+        for what, arr in (("flat", self.flat), ("linearity coefficients", self.lin_coeffs),
+                          *((f"{k} mask", v) for k, v in self.masks.items())):
+            if arr is not None and arr.shape[-2:] != tuple(shape):
+                src = self.files.get(what.split()[0].lower(), "")
+                raise IoiError(f"science frame shape {tuple(shape)} does not match {what} shape "
+                               f"{arr.shape[-2:]} ({src})", exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+
+
+def _require(path: Path | None, what: str, code: ExitCode) -> Path:
+    if path is None:
+        raise InputError(f"no {what} file named in paths.ini", exit_code=code)
+    if not Path(path).is_file():
+        raise InputError(f"{what} file not found: {path}", exit_code=code)
+    return Path(path)
+
+
+def _same_shape(arrays) -> None:
+    shapes = {(what, a.shape[-2:]) for what, a, _ in arrays}
+    if len({s for _, s in shapes}) > 1:
+        listing = "; ".join(f"{what} {shape} ({p})" for what, a, p in arrays for shape in [a.shape[-2:]])
+        code = {"linearity coefficients": ExitCode.LINEARITY_SHAPE_MISMATCH,
+                "flat": ExitCode.FLAT_SHAPE_MISMATCH}.get(arrays[-1][0], ExitCode.MASK_SHAPE_MISMATCH)
+        raise IoiError(f"calibration files disagree in shape: {listing}", exit_code=code)
+
+
+def effective_settings(pipe: PipelineConfig, paths: PathsConfig) -> PipelineConfig:
+    """Turn off the calibration stages whose files ``paths`` does not name at all.
+
+    For ``ioi reduce`` without a paths.ini: a stage with no calibration file
+    is skipped with a warning rather than failing.  A file that is named but
+    absent is still an error (see :func:`load_calibration`).
+    """
+    if pipe.nonlinearity_corrections.do and paths.lin_coeffs is None:
+        log.warning("no linearity coefficient file named in the paths settings: nonlinearity correction skipped")
+        pipe = pipe.replace("nonlinearity_corrections", do=False)
+    if pipe.flatfielding.do and paths.flat is None:
+        log.warning("no flat file named in the paths settings: flat fielding skipped")
+        pipe = pipe.replace("flatfielding", do=False)
+    if pipe.bad_pix_masking.do:
+        named = {"FLAT": paths.flat_bad, "LIN": paths.lin_bad}
+        which = tuple(w for w in pipe.bad_pix_masking.which if named[w] is not None)
+        if which != pipe.bad_pix_masking.which:
+            log.warning("bad-pixel masks not named in the paths settings are skipped: %s",
+                        ", ".join(sorted(set(pipe.bad_pix_masking.which) - set(which))))
+            pipe = pipe.replace("bad_pix_masking", which=which, do=bool(which))
+    return pipe
+
+
+def load_calibration(pipe: PipelineConfig, paths: PathsConfig, *, flip: bool = False,
+                     shape=None) -> Calibration:
+    """Read the flat, the linearity coefficients and the selected bad-pixel masks.
+
+    Only what an enabled stage needs is read.  Missing files raise the SPEC's
+    exit codes: linearity 7, flat 21, mask 27; shapes that disagree with
+    ``shape`` (the stripped science frame): linearity 23, flat 24, mask 26.
+    """
+    flat = lin = None
+    masks = {}
+    files = {}
+    loaded = []
+    if pipe.nonlinearity_corrections.do and pipe.frame_combination.do:
+        p = _require(paths.lin_coeffs, "linearity coefficient", ExitCode.LINEARITY_FILE_MISSING)
+        lin = fitsio.read_cube(p, what="linearity coefficient file")
+        need = pipe.nonlinearity_corrections.order + 1
+        if lin.shape[0] < need:
+            raise IoiError(f"linearity coefficient file {p} has {lin.shape[0]} HDUs; order "
+                           f"{pipe.nonlinearity_corrections.order} needs {need}",
+                           exit_code=ExitCode.LINEARITY_SHAPE_MISMATCH)
+        lin = lin[:need]
+        files["lin"] = p
+        loaded.append(("linearity coefficients", lin, p))
+        if shape is not None and lin.shape[-2:] != tuple(shape):
+            raise IoiError(f"linearity coefficient file {p} has shape {lin.shape[-2:]}, expected {tuple(shape)}",
+                           exit_code=ExitCode.LINEARITY_SHAPE_MISMATCH)
+    if pipe.flatfielding.do:
+        p = _require(paths.flat, "flat", ExitCode.FLAT_FILE_MISSING)
+        flat, _ = fitsio.read_image(p, what="flat")
+        files["flat"] = p
+        loaded.append(("flat", flat, p))
+        if shape is not None and flat.shape != tuple(shape):
+            raise IoiError(f"flat file {p} has shape {flat.shape}, expected {tuple(shape)}",
+                           exit_code=ExitCode.FLAT_SHAPE_MISMATCH)
+    if pipe.bad_pix_masking.do:
+        for name in pipe.bad_pix_masking.which:
+            path = paths.flat_bad if name == "FLAT" else paths.lin_bad
+            p = _require(path, f"{name} bad-pixel mask", ExitCode.MASK_FILE_MISSING)
+            mask, _ = fitsio.read_image(p, what=f"{name} bad-pixel mask")
+            if shape is not None and mask.shape != tuple(shape):
+                raise IoiError(f"{name} bad-pixel mask {p} has shape {mask.shape}, expected {tuple(shape)}",
+                               exit_code=ExitCode.MASK_SHAPE_MISMATCH)
+            masks[name] = mask
+            files[f"mask_{name.lower()}"] = p
+            loaded.append((f"{name} mask", mask, p))
+    if len(loaded) > 1:
+        _same_shape(loaded)
+    if flip:
+        flat = None if flat is None else np.ascontiguousarray(flat[:, ::-1])
+        lin = None if lin is None else np.ascontiguousarray(lin[..., ::-1])
+        masks = {k: np.ascontiguousarray(v[:, ::-1]) for k, v in masks.items()}
+        log.info("calibration arrays flipped left-right (--f)")
+    for what, p in files.items():
+        log.info("calibration %s: %s", what, p)
+    return Calibration(flat=flat, masks=masks, lin_coeffs=lin, files=files, flipped=flip)

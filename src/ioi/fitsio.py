@@ -1,0 +1,192 @@
+"""FITS input and output: the only module that touches FITS files on disk.
+
+Raw IO:I reads are uint16 stored as int16 with BZERO = 32768.  astropy refuses
+to memory-map scaled images, so raw data are read unscaled through a memory
+map and converted to float32 here (FIELD_NOTES: 3-5 ms a read).  Inputs are
+always opened read-only.  Products are written to a temporary name in the
+destination directory and renamed into place, so an interrupted run never
+leaves a half-written product.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from ioi.errors import ExitCode, InputError, IoiError
+
+log = logging.getLogger(__name__)
+
+
+def _open(path, what="FITS file"):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}", exit_code=ExitCode.BAD_INPUT)
+    try:
+        return fits.open(path, mode="readonly", memmap=True, do_not_scale_image_data=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
+
+
+def read_header(path, *, hdu=0) -> fits.Header:
+    """The header of one HDU, without reading pixel data."""
+    path = Path(path)
+    try:
+        return fits.getheader(path, hdu)
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise InputError(f"cannot read FITS header of {path}: {exc}") from None
+
+
+def _to_float32(hdu) -> np.ndarray:
+    """Scale a (possibly BZERO/BSCALE-scaled) image HDU to native float32."""
+    raw = hdu.data
+    if raw is None:
+        raise ValueError("HDU holds no image data")
+    hdr = hdu.header
+    bzero = float(hdr.get("BZERO", 0.0))
+    bscale = float(hdr.get("BSCALE", 1.0))
+    data = np.asarray(raw, dtype=np.float32)  # also converts big-endian to native
+    if bscale != 1.0:
+        data *= np.float32(bscale)
+    if bzero != 0.0:
+        data += np.float32(bzero)
+    return data
+
+
+def read_raw(path) -> tuple[np.ndarray, fits.Header]:
+    """Read one raw read: ``(data float32 (ny, nx), header)``.
+
+    Values are the ADC counts 0..65535 (BZERO applied here).
+    """
+    path = Path(path)
+    with _open(path, "raw file") as hdul:
+        try:
+            hdu = hdul[0]
+            data = _to_float32(hdu)
+        except (ValueError, TypeError, OSError) as exc:
+            raise InputError(f"cannot read image data of {path}: {exc}") from None
+        if data.ndim != 2:
+            raise InputError(f"raw file {path} is not a 2-D image (shape {data.shape})")
+        header = hdu.header.copy()
+    for key in ("BZERO", "BSCALE"):
+        header.remove(key, ignore_missing=True)
+    return data, header
+
+
+def read_image(path, *, hdu=0, what="image") -> tuple[np.ndarray, fits.Header]:
+    """Read one image HDU (by index or EXTNAME) as native float32 with its header."""
+    path = Path(path)
+    with _open(path, what) as hdul:
+        try:
+            h = hdul[hdu]
+        except (KeyError, IndexError):
+            raise InputError(f"{what} {path} has no HDU {hdu!r}") from None
+        try:
+            data = _to_float32(h)
+        except (ValueError, TypeError, OSError) as exc:
+            raise InputError(f"cannot read {what} {path} HDU {hdu!r}: {exc}") from None
+        header = h.header.copy()
+    return data, header
+
+
+def read_cube(path, *, what="multi-extension file") -> np.ndarray:
+    """Read every image HDU of a multi-extension file, stacked: float32 (nhdu, ny, nx).
+
+    Used for linearity coefficients (HDU i = order-i coefficient image).
+    """
+    path = Path(path)
+    planes = []
+    with _open(path, what) as hdul:
+        for i, h in enumerate(hdul):
+            if h.data is None:
+                continue
+            try:
+                planes.append(_to_float32(h))
+            except (ValueError, TypeError, OSError) as exc:
+                raise InputError(f"cannot read {what} {path} HDU {i}: {exc}") from None
+    if not planes:
+        raise InputError(f"{what} {path} holds no image data")
+    shapes = {p.shape for p in planes}
+    if len(shapes) != 1:
+        raise InputError(f"{what} {path} has HDUs of different shapes {sorted(shapes)}")
+    return np.stack(planes)
+
+
+def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False) -> Path:
+    """Write ``hdul`` to ``path`` through a temporary file in the same directory.
+
+    The rename is atomic on POSIX file systems, so readers see either no file
+    or the complete one.  ``overwrite=False`` and an existing file: IoiError.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise IoiError(f"output file exists (use overwrite/clobber): {path}", exit_code=ExitCode.BAD_INPUT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_image(path, data, header=None, *, overwrite: bool = False) -> Path:
+    """Write one float image as a primary HDU, atomically."""
+    hdu = fits.PrimaryHDU(np.asarray(data), header=header)
+    return write_fits_atomic(path, fits.HDUList([hdu]), overwrite=overwrite)
+
+
+def write_cube(path, planes, *, header=None, overwrite: bool = False) -> Path:
+    """Write planes (n, ny, nx) as HDU 0..n-1 (the original's coefficient-file format)."""
+    hdus = [fits.PrimaryHDU(np.asarray(planes[0], dtype=np.float32), header=header)]
+    hdus += [fits.ImageHDU(np.asarray(p, dtype=np.float32)) for p in planes[1:]]
+    return write_fits_atomic(path, fits.HDUList(hdus), overwrite=overwrite)
+
+
+def frame_hdus(frame, extname: str, *, with_planes: bool = True) -> list:
+    """Image HDUs for a :class:`~ioi.frame.Frame`: ``EXTNAME`` science, then
+    ``<EXTNAME>_VAR`` (variance) and ``<EXTNAME>_DQ`` (quality) when asked."""
+    header = frame.header.copy()
+    for key in ("SIMPLE", "EXTEND", "BZERO", "BSCALE", "XTENSION", "PCOUNT", "GCOUNT"):
+        header.remove(key, ignore_missing=True)
+    header["EXTNAME"] = extname
+    hdus = [fits.ImageHDU(np.asarray(frame.science, dtype=np.float32), header=header, name=extname)]
+    if with_planes:
+        wcs_header = wcs_cards(header)
+        vh = fits.Header(wcs_header)
+        vh["BUNIT"] = ("ADU2", "variance of " + extname)
+        hdus.append(fits.ImageHDU(np.asarray(frame.variance, dtype=np.float32), header=vh, name=f"{extname}_VAR"))
+        qh = fits.Header(wcs_header)
+        qh["COMMENT"] = "data-quality bit flags, see ioi.frame.DQ"
+        hdus.append(fits.ImageHDU(np.asarray(frame.quality, dtype=np.uint32), header=qh, name=f"{extname}_DQ"))
+    return hdus
+
+
+_WCS_PREFIXES = ("CTYPE", "CRVAL", "CRPIX", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_")
+
+
+def wcs_cards(header) -> list:
+    return [card for card in header.cards if card.keyword.startswith(_WCS_PREFIXES)
+            or card.keyword in ("RADESYS", "EQUINOX", "WCSAXES", "LONPOLE", "LATPOLE")]
+
+
+def write_product(path, primary_header, frames_by_extname, *, overwrite=True, with_planes=True,
+                  extra_hdus=()) -> Path:
+    """Write a product atomically: an empty primary HDU carrying ``primary_header``,
+    then one science extension per ``extname -> frame`` item (the original's
+    layout, so HDU 1, 2, ... are what the original wrote), then the
+    ``<EXTNAME>_VAR`` and ``<EXTNAME>_DQ`` planes of each, then ``extra_hdus``."""
+    primary = fits.PrimaryHDU(header=primary_header.copy() if primary_header is not None else None)
+    for key in ("NAXIS1", "NAXIS2", "BZERO", "BSCALE"):
+        primary.header.remove(key, ignore_missing=True)
+    groups = [frame_hdus(frame, extname, with_planes=with_planes) for extname, frame in frames_by_extname.items()]
+    hdus = [primary] + [g[0] for g in groups] + [h for g in groups for h in g[1:]] + list(extra_hdus)
+    return write_fits_atomic(path, fits.HDUList(hdus), overwrite=overwrite)

@@ -1,0 +1,425 @@
+"""The reduction pipeline: composes the stages for one multrun.
+
+Reads raw files (through :mod:`ioi.fitsio`), runs the enabled stages in the
+order of SPEC section 2, and writes the products of SPEC section 3.  The
+stages themselves are pure functions in :mod:`ioi.stages`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from ioi import fitsio
+from ioi.calibration import Calibration, load_calibration
+from ioi.config import PathsConfig, PipelineConfig
+from ioi.discovery import LT, DitherSequence, Multrun
+from ioi.errors import ExitCode, IoiError, StageWarning
+from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame, Ramp
+
+log = logging.getLogger(__name__)
+
+BORDER = 4
+DEFAULT_GAIN = GAIN_BY_ASICGAIN[10]
+
+
+@dataclasses.dataclass
+class ReductionResult:
+    """What a multrun's reduction produced."""
+
+    multrun: str
+    l1_products: list = dataclasses.field(default_factory=list)
+    l2_product: Path | None = None
+    intermediate: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)  # (exit code, message)
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
+    report: Path | None = None
+    stopped_after: str | None = None
+
+    @property
+    def products(self) -> list[Path]:
+        return list(self.l1_products) + ([self.l2_product] if self.l2_product else [])
+
+
+class _Quit(Exception):
+    """Raised internally when a stage's ``quit`` is set."""
+
+    def __init__(self, stage):
+        super().__init__(stage)
+        self.stage = stage
+
+
+class _Run:
+    """Bookkeeping for one multrun: timings, warnings, provenance keywords."""
+
+    def __init__(self, result: ReductionResult):
+        self.result = result
+        self.keywords = fits.Header()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StageWarning)
+            try:
+                yield
+            finally:
+                self.result.stage_seconds[name] = self.result.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+        for w in caught:
+            if isinstance(w.message, StageWarning):
+                self.warn(int(w.message.exit_code), str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def warn(self, code: int, message: str) -> None:
+        self.result.warnings.append((code, message))
+        log.warning("[code %d] %s", code, message)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def gain_for(header) -> tuple[float, str | None]:
+    """Nominal gain (e-/ADU) for the header's ASICGAIN, and a warning text when unknown."""
+    value = header.get("ASICGAIN")
+    try:
+        key = int(value)
+    except (TypeError, ValueError):
+        key = None
+    if key in GAIN_BY_ASICGAIN:
+        return GAIN_BY_ASICGAIN[key], None
+    return DEFAULT_GAIN, (f"unknown ASICGAIN {value!r}: variance uses {DEFAULT_GAIN} e-/ADU; "
+                          "GAIN/EPERDN left out of the stack")
+
+
+def read_ramp(seq: DitherSequence, *, saturation_level: float) -> tuple[Ramp, int]:
+    """Read the raw files of one dither into a :class:`Ramp` (border included)
+    and its NOUTPUTS.  Saturation is judged on the raw values here."""
+    from ioi.stages.combine import flag_saturated
+
+    if not seq.reads:
+        raise IoiError(f"dither {seq.dither} has no reads", exit_code=ExitCode.NO_SUITABLE_FILES)
+    first = seq.reads[0]
+    data0, header0 = fitsio.read_raw(first.path)
+    cube = np.empty((len(seq.reads),) + data0.shape, dtype=np.float32)
+    cube[0] = data0
+    for i, r in enumerate(seq.reads[1:], start=1):
+        d, _ = fitsio.read_raw(r.path)
+        if d.shape != data0.shape:
+            raise IoiError(f"{r.path} has shape {d.shape}, {first.path} has {data0.shape}",
+                           exit_code=ExitCode.NO_SUITABLE_FILES)
+        cube[i] = d
+    if "NOUTPUTS" not in header0:
+        raise IoiError(f"{first.path} has no NOUTPUTS keyword", exit_code=ExitCode.NO_NOUTPUTS)
+    try:
+        noutputs = int(header0["NOUTPUTS"])
+    except (TypeError, ValueError):
+        raise IoiError(f"{first.path} has a non-integer NOUTPUTS {header0['NOUTPUTS']!r}",
+                       exit_code=ExitCode.NO_NOUTPUTS) from None
+    saturated = flag_saturated(cube, level=saturation_level)
+    ramp = Ramp(
+        reads=cube,
+        inttime=np.array([r.inttime for r in seq.reads], dtype=np.float64),
+        group=np.array([int(r.header.get("SEQNUM_M", r.group)) for r in seq.reads]),
+        index=np.array([int(r.header.get("SEQNUM_N", r.exposure)) for r in seq.reads]),
+        header=header0,
+        quality=np.zeros(data0.shape, dtype=np.uint32),
+        saturated=saturated,
+        names=tuple(r.path.name for r in seq.reads),
+    )
+    return ramp, noutputs
+
+
+def shift_wcs_for_border(header, border: int = BORDER) -> fits.Header:
+    """A copy of ``header`` with CRPIX moved for the stripped reference border."""
+    header = header.copy()
+    for key in ("CRPIX1", "CRPIX2"):
+        if key in header:
+            header[key] = float(header[key]) - border
+    return header
+
+
+def _provenance(pipe: PipelineConfig, cal: Calibration, *, sky_done: bool, reg_done: bool,
+                stack_done: bool) -> list[tuple]:
+    """The original's L1 processing keywords, plus our own method keywords."""
+    fc = pipe.frame_combination
+    name = lambda what: Path(cal.files[what]).name if what in cal.files else "none"  # noqa: E731
+    masks = pipe.bad_pix_masking
+    return [
+        ("L1REFSUB", int(pipe.reference_subtraction.do), "reference pixels subtracted"),
+        ("L1REFMET", pipe.reference_subtraction.method if pipe.reference_subtraction.do else "none",
+         "reference subtraction method"),
+        ("L1FMCO", int(fc.do), "frames combined"),
+        ("L1FMCOME", fc.method, "frame combination method"),
+        ("L1FMCOPA", fc.fowler_pairs if fc.method == "FOWLER" else 0, "Fowler pairs"),
+        ("L1LCOR", int(pipe.nonlinearity_corrections.do), "nonlinearity corrected"),
+        ("L1LCORF", name("lin"), "linearity coefficient file"),
+        ("L1FLAT", int(pipe.flatfielding.do), "flat fielded"),
+        ("L1FLATF", name("flat"), "flat file"),
+        ("L1BADPX", int(masks.do), "bad pixels masked"),
+        ("L1BADPXF", name("mask_flat") if "FLAT" in masks.which else "none", "flat bad-pixel mask"),
+        ("L1BADPXL", name("mask_lin") if "LIN" in masks.which else "none", "linearity bad-pixel mask"),
+        ("L1SKYSUB", int(sky_done), "sky subtracted"),
+        ("L1REG", int(reg_done), "registered"),
+        ("L1STK", int(stack_done), "stacked"),
+        ("L1FLIP", int(cal.flipped), "calibration flipped left-right (--f)"),
+    ]
+
+
+def _with_keywords(header, cards) -> fits.Header:
+    header = header.copy()
+    for key, value, comment in cards:
+        header[key] = (value, comment)
+    return header
+
+
+# ----------------------------------------------------------------------------- one dither
+
+def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, run: _Run,
+                   out_dir: Path, stem: str) -> Frame:
+    """Raw reads of one dither -> a calibrated L1 frame (before sky subtraction)."""
+    from ioi.stages import calibrate, combine, reference
+
+    fc = pipe.frame_combination
+    with run.stage("read"):
+        ramp, noutputs = read_ramp(seq, saturation_level=fc.saturation_level)
+    rs = pipe.reference_subtraction
+    with run.stage("reference"):
+        reads = ramp.reads
+        if rs.do:
+            reads = reference.subtract_reference(reads, method=rs.method, noutputs=noutputs, border=BORDER)
+        if fc.read_noise > 0:
+            read_noise = fc.read_noise
+        elif ramp.nreads >= 2:
+            read_noise = reference.estimate_read_noise(reads[1] - reads[0], border=BORDER)
+        else:
+            read_noise = 17.0
+        header = shift_wcs_for_border(ramp.header)
+        header["RDNOISE"] = (round(float(read_noise), 3), "[ADU] read noise per read (reference pixels)")
+        ramp = ramp.replace(reads=reference.strip_border(reads, border=BORDER),
+                            saturated=reference.strip_border(ramp.saturated, border=BORDER),
+                            quality=reference.strip_border(ramp.quality, border=BORDER),
+                            header=header)
+    log.debug("%s dither %d: read noise %.2f ADU", stem, seq.dither, read_noise)
+    if rs.hard:
+        p = out_dir / f"{stem}_{seq.dither}_refsub.fits"
+        fitsio.write_fits_atomic(p, fits.HDUList([fits.PrimaryHDU(ramp.reads, header=ramp.header)]), overwrite=True)
+        run.result.intermediate.append(p)
+    if rs.quit:
+        raise _Quit("reference_subtraction")
+    if not fc.do:
+        log.warning("frame_combination.do = 0: cannot proceed past reference subtraction")
+        raise _Quit("reference_subtraction")
+
+    cal.check_shape(ramp.reads.shape[-2:])
+    gain, why = gain_for(ramp.header)
+    if why and seq.dither == 1:
+        run.warn(ExitCode.UNKNOWN_ASICGAIN, why)
+    lin = cal.lin_coeffs if pipe.nonlinearity_corrections.do else None
+    with run.stage("combine"):
+        frame = combine.combine_reads(ramp, method=fc.method, pairs=fc.fowler_pairs, bodge=fc.fowler_bodge,
+                                      gain=gain, read_noise=read_noise, linearity=lin,
+                                      jump_sigma=fc.jump_sigma)
+    del ramp
+    _hard(pipe.frame_combination, frame, run, out_dir, f"{stem}_{seq.dither}_combined.fits")
+    if fc.quit:
+        raise _Quit("frame_combination")
+    if pipe.nonlinearity_corrections.quit:
+        raise _Quit("nonlinearity_corrections")
+    if pipe.flatfielding.do:
+        with run.stage("flat"):
+            frame = calibrate.apply_flat(frame, cal.flat)
+        _hard(pipe.flatfielding, frame, run, out_dir, f"{stem}_{seq.dither}_flat.fits")
+        if pipe.flatfielding.quit:
+            raise _Quit("flatfielding")
+    if pipe.bad_pix_masking.do and cal.masks:
+        with run.stage("badpix"):
+            frame = calibrate.apply_bad_pixel_masks(frame, cal.masks)
+        _hard(pipe.bad_pix_masking, frame, run, out_dir, f"{stem}_{seq.dither}_badpix.fits")
+        if pipe.bad_pix_masking.quit:
+            raise _Quit("bad_pix_masking")
+    return frame
+
+
+def _hard(settings, frame: Frame, run: _Run, out_dir: Path, name: str) -> None:
+    if getattr(settings, "hard", False):
+        p = fitsio.write_product(out_dir / name, frame.header, {"IM": frame}, overwrite=True)
+        run.result.intermediate.append(p)
+
+
+# ----------------------------------------------------------------------------- one multrun
+
+def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_dir, *,
+                   flip: bool = False, calibration: Calibration | None = None,
+                   progress=None) -> ReductionResult:
+    """Reduce one multrun from raw reads to L1 (and, for dithered LT data, L2) products.
+
+    Non-fatal problems (codes 18, 30, 34) are logged and listed in the result;
+    fatal ones raise :class:`~ioi.errors.IoiError`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ReductionResult(multrun=multrun.name)
+    run = _Run(result)
+    cal = calibration if calibration is not None else load_calibration(pipe, paths, flip=flip)
+    t_start = time.perf_counter()
+    frames: list[Frame] = []
+    try:
+        for i, seq in enumerate(multrun.dithers):
+            frames.append(process_dither(seq, pipe, cal, run, out_dir, multrun.name))
+            if progress:
+                progress(i + 1, len(multrun.dithers), f"{multrun.name} dither {seq.dither}")
+            log.info("%s dither %d: combined %d reads (%s)", multrun.name, seq.dither, len(seq.reads),
+                     pipe.frame_combination.method)
+        _finish(multrun, frames, pipe, cal, run, out_dir)
+    except _Quit as q:
+        result.stopped_after = q.stage
+        log.info("stopping after %s (quit = 1)", q.stage)
+    result.stage_seconds["total"] = time.perf_counter() - t_start
+    return result
+
+
+def _finish(multrun: Multrun, frames, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path):
+    from ioi.stages import register, sky, stack
+
+    dithered = multrun.convention == LT and len(frames) > 1
+    nonss = frames
+    ss = None
+    sky_result = None
+    sp = pipe.sky_subtraction
+    if dithered and sp.do:
+        with run.stage("sky"):
+            sky_result = sky.subtract_sky(
+                frames, peers_only=sp.peers_only, algorithm=sp.make_algorithm, bg_sigma_clip=sp.bg_sigma_clip,
+                smoothing_box_size=sp.smoothing_box_size, max_iterations=sp.max_robust_iterations,
+                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources)
+        ss = list(sky_result.frames)
+        log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
+                 sp.peers_only, sp.mask_sources)
+    sky_done = ss is not None
+
+    # Registration and stacking (LT data, more than one dither)
+    reg_frames = transforms = None
+    rp = pipe.registration
+    want_stack = dithered and pipe.stacking.do
+    if dithered and rp.do and not (sky_done and sp.quit):
+        regions = []
+        if rp.do_bad_region >= 1:
+            regions.append(register.parse_bad_region(rp.bad_region1))
+        if rp.do_bad_region >= 2:
+            regions.append(register.parse_bad_region(rp.bad_region2))
+        regions = [r for r in regions if r is not None]
+        try:
+            with run.stage("register"):
+                reg_frames, transforms = register.register_frames(
+                    ss if sky_done else nonss, geometry=rp.fit_geometry, algorithm=rp.registration_algorithm,
+                    bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold, bad_regions=tuple(regions))
+            for d, t in zip(multrun.dithers, transforms):
+                log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
+                         multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
+        except register.RegistrationError as exc:
+            run.warn(ExitCode.REGISTRATION_FAILED, f"registration failed: {exc}; stacking skipped")
+            reg_frames = None
+    reg_done = reg_frames is not None
+
+    stacked = None
+    if want_stack and reg_done and not rp.quit and not (sky_done and sp.quit):
+        with run.stage("stack"):
+            stacked = stack.stack_frames(reg_frames, method=pipe.stacking.method,
+                                         clip_sigma=pipe.stacking.clip_sigma or None)
+    elif want_stack and not reg_done and rp.do:
+        log.warning("%s: no stack written (registration did not succeed)", multrun.name)
+
+    # Products
+    if not pipe.general.write_output:
+        log.info("write_output = 0: no products written")
+        return
+    cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=reg_done, stack_done=stacked is not None)
+    with run.stage("write"):
+        for i, seq in enumerate(multrun.dithers):
+            extensions = {}
+            if sky_done:
+                extensions["IM_SS"] = ss[i]
+            extensions["IM_NONSS"] = nonss[i]
+            primary = _with_keywords(nonss[i].header, cards)
+            if transforms is not None:
+                t = transforms[i]
+                primary["REGDX"] = (round(float(t.dx), 4), "[px] registration shift x")
+                primary["REGDY"] = (round(float(t.dy), 4), "[px] registration shift y")
+            p = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions, overwrite=True)
+            run.result.l1_products.append(p)
+        if stacked is not None:
+            ext = "SK_SS" if sky_done else "SK_NONSS"
+            primary = _with_keywords(stacked.frame.header, cards)
+            extensions = {ext: stacked.frame}
+            primary["NCOMBINE"] = (stacked.n_frames, "frames in the stack")
+            exp_header = fits.Header(fitsio.wcs_cards(stacked.frame.header))
+            exp_header["BUNIT"] = ("frames", "number of frames contributing per pixel")
+            exposure = fits.ImageHDU(np.asarray(stacked.exposure_map, dtype=np.int16), header=exp_header,
+                                     name=f"{ext}_EXP")
+            p = fitsio.write_product(out_dir / multrun.l2_name(), primary, extensions, overwrite=True,
+                                     extra_hdus=[exposure])
+            run.result.l2_product = p
+    run.result.report = write_report(out_dir, multrun, run.result, frames=nonss, sky_frames=ss,
+                                     transforms=transforms, stacked=stacked)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _robust_sigma(values) -> float:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return float("nan")
+    if v.size > 200_000:
+        v = v[:: v.size // 200_000]
+    med = np.median(v)
+    return float(1.4826 * np.median(np.abs(v - med)))
+
+
+def write_report(out_dir: Path, multrun: Multrun, result: ReductionResult, *, frames, sky_frames,
+                 transforms, stacked) -> Path:
+    """A JSON quality report per multrun (beyond the original)."""
+    dithers = []
+    for i, seq in enumerate(multrun.dithers):
+        f = frames[i]
+        sample = f.science[::4, ::4]
+        entry = {
+            "dither": seq.dither,
+            "reads": len(seq.reads),
+            "exptime_s": float(f.header.get("EXPTIME", float("nan"))),
+            "median_level_adu": float(np.nanmedian(sample)) if np.isfinite(sample).any() else None,
+            "bad_pixel_fraction": float(np.mean((f.quality & DQ.DO_NOT_USE) != 0)),
+            "read_noise_adu": f.header.get("RDNOISE"),
+        }
+        if sky_frames is not None:
+            entry["sky_subtracted_rms_adu"] = _robust_sigma(sky_frames[i].science[::4, ::4].ravel())
+            entry["sky_subtracted_median_adu"] = float(np.nanmedian(sky_frames[i].science[::4, ::4]))
+        if transforms is not None:
+            t = transforms[i]
+            entry["registration"] = {"dx": float(t.dx), "dy": float(t.dy), "rotation_deg": float(t.rotation_deg),
+                                     "scale": float(t.scale), "n_matched": int(t.n_matched), "rms_px": float(t.rms_px)}
+        dithers.append(entry)
+    report = {
+        "multrun": multrun.name,
+        "convention": multrun.convention,
+        "l1_products": [str(p) for p in result.l1_products],
+        "l2_product": str(result.l2_product) if result.l2_product else None,
+        "warnings": [{"code": int(c), "message": m} for c, m in result.warnings],
+        "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
+        "dithers": dithers,
+    }
+    if stacked is not None:
+        report["stack"] = {"n_frames": int(stacked.n_frames),
+                           "rms_adu": _robust_sigma(stacked.frame.science[::4, ::4].ravel())}
+    path = out_dir / f"{multrun.name}_report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)
+    return path

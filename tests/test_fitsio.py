@@ -1,0 +1,117 @@
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from ioi import fitsio
+from ioi.errors import InputError, IoiError
+from ioi.frame import DQ, Frame
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_read_raw_applies_bzero_exactly(tmp_path, raw_writer):
+    data = np.array([[0, 1, 32767], [32768, 65534, 65535]], dtype=np.uint16)
+    p = raw_writer(tmp_path / "r.fits", data)
+    hdr = fits.getheader(p)
+    assert hdr["BITPIX"] == 16 and hdr["BZERO"] == 32768
+    out, header = fitsio.read_raw(p)
+    assert out.dtype == np.float32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, data.astype(np.float32))
+    assert "BZERO" not in header and header["NOUTPUTS"] == 1
+
+
+def test_reading_does_not_change_input(tmp_path, raw_writer):
+    p = raw_writer(tmp_path / "r.fits")
+    before, mtime = _digest(p), os.path.getmtime(p)
+    data, _ = fitsio.read_raw(p)
+    data += 5  # our copy, not the file
+    fitsio.read_image(p)
+    fitsio.read_header(p)
+    assert _digest(p) == before and os.path.getmtime(p) == mtime
+
+
+def test_read_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="not found.*nope.fits"):
+        fitsio.read_raw(tmp_path / "nope.fits")
+    bad = tmp_path / "bad.fits"
+    bad.write_text("this is not FITS")
+    with pytest.raises(InputError, match="bad.fits"):
+        fitsio.read_raw(bad)
+
+
+def test_read_image_big_endian_float_becomes_native(tmp_path):
+    p = tmp_path / "f.fits"
+    fits.PrimaryHDU(np.arange(12, dtype=">f4").reshape(3, 4)).writeto(p)
+    data, _ = fitsio.read_image(p)
+    assert data.dtype == np.float32 and data.dtype.isnative
+    np.testing.assert_array_equal(data, np.arange(12).reshape(3, 4))
+
+
+def test_cube_round_trip(tmp_path):
+    planes = np.random.default_rng(1).normal(size=(4, 5, 6)).astype(np.float32)
+    p = fitsio.write_cube(tmp_path / "c.fits", planes)
+    with fits.open(p) as h:
+        assert len(h) == 4
+    np.testing.assert_array_equal(fitsio.read_cube(p), planes)
+
+
+def test_product_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    sci = rng.normal(size=(8, 9)).astype(np.float32)
+    var = rng.uniform(1, 2, size=(8, 9)).astype(np.float32)
+    dq = np.zeros((8, 9), np.uint32)
+    dq[1, 2] = DQ.SATURATED | DQ.DO_NOT_USE
+    hdr = fits.Header({"OBJECT": "M1", "CRPIX1": 4.0, "CTYPE1": "RA---TAN"})
+    f = Frame(sci, var, dq, hdr)
+    prim = fits.Header({"L1FLAT": 1})
+    p = fitsio.write_product(tmp_path / "x_1.fits", prim, {"IM_SS": f, "IM_NONSS": f})
+    with fits.open(p) as h:
+        assert [x.name for x in h] == ["PRIMARY", "IM_SS", "IM_NONSS", "IM_SS_VAR", "IM_SS_DQ",
+                                       "IM_NONSS_VAR", "IM_NONSS_DQ"]
+        assert h[0].header["L1FLAT"] == 1
+        np.testing.assert_array_equal(h["IM_SS"].data, sci)
+        np.testing.assert_array_equal(h["IM_NONSS_VAR"].data, var)
+        np.testing.assert_array_equal(h["IM_SS_DQ"].data, dq)
+        assert h["IM_SS_VAR"].header["CTYPE1"] == "RA---TAN"
+
+
+def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch):
+    target = tmp_path / "product.fits"
+
+    def broken_writeto(self, name, *a, **k):
+        with open(name, "wb") as fh:
+            fh.write(b"SIMPLE  =                    T" + b" " * 100)  # a partial file
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)
+    with pytest.raises(KeyboardInterrupt):
+        fitsio.write_image(target, np.zeros((4, 4), np.float32))
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_overwrite_keeps_old_product(tmp_path, monkeypatch):
+    target = tmp_path / "product.fits"
+    fitsio.write_image(target, np.ones((4, 4), np.float32))
+    before = _digest(target)
+
+    def broken_writeto(self, name, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)
+    with pytest.raises(OSError):
+        fitsio.write_image(target, np.zeros((4, 4), np.float32), overwrite=True)
+    assert _digest(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["product.fits"]
+
+
+def test_write_refuses_to_overwrite_by_default(tmp_path):
+    target = tmp_path / "p.fits"
+    fitsio.write_image(target, np.ones((2, 2), np.float32))
+    with pytest.raises(IoiError, match="exists"):
+        fitsio.write_image(target, np.ones((2, 2), np.float32))
