@@ -26,6 +26,7 @@ GEOMETRIES = ("SHIFT", "RSCALE")
 REGISTRATION_ALGORITHMS = ("SCIPY", "IRAF")
 STACKING_METHODS = ("MEAN", "COADD", "MEANANDSCALE")
 MASK_NAMES = ("FLAT", "LIN")
+LINEARITY_FORMS = ("DIFFERENCE", "FACTOR")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class NonlinearitySettings:
     hard: bool = False
     quit: bool = False
     order: int = 3
+    # beyond: DIFFERENCE = exact poly(x+lost) - poly(lost); FACTOR = the original's x*poly(x+lost)/(x+lost)
+    form: str = "DIFFERENCE"
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ class PathsConfig:
 
 # ----------------------------------------------------------------------------- parsing
 
-_CHOICE_KEYS = {"method", "make_algorithm", "fit_geometry", "registration_algorithm"}
+_CHOICE_KEYS = {"method", "make_algorithm", "fit_geometry", "registration_algorithm", "form"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -386,6 +389,8 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     _check_choice(cfg.registration.fit_geometry, GEOMETRIES, "registration", "fit_geometry",
                   ExitCode.UNKNOWN_REGISTRATION_METHOD)
     _check_choice(cfg.stacking.method, STACKING_METHODS, "stacking", "method", ExitCode.UNKNOWN_STACKING_METHOD)
+    _check_choice(cfg.nonlinearity_corrections.form, LINEARITY_FORMS, "nonlinearity_corrections", "form",
+                  ExitCode.CONFIG_KEY_MISSING)
     for name in cfg.bad_pix_masking.which:
         _check_choice(name, MASK_NAMES, "bad_pix_masking", "which", ExitCode.CONFIG_KEY_MISSING)
     checks = [

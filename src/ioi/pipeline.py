@@ -226,7 +226,7 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
     with run.stage("combine"):
         frame = combine.combine_reads(ramp, method=fc.method, pairs=fc.fowler_pairs, bodge=fc.fowler_bodge,
                                       gain=gain, read_noise=read_noise, linearity=lin,
-                                      jump_sigma=fc.jump_sigma)
+                                      jump_sigma=fc.jump_sigma, linearity_form=pipe.nonlinearity_corrections.form)
     del ramp
     _hard(pipe.frame_combination, frame, run, out_dir, f"{stem}_{seq.dither}_combined.fits")
     if fc.quit:
@@ -235,7 +235,7 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
         raise _Quit("nonlinearity_corrections")
     if pipe.flatfielding.do:
         with run.stage("flat"):
-            frame = calibrate.apply_flat(frame, cal.flat)
+            frame = calibrate.apply_flat(frame, cal.flat, path=cal.files.get("flat"))
         _hard(pipe.flatfielding, frame, run, out_dir, f"{stem}_{seq.dither}_flat.fits")
         if pipe.flatfielding.quit:
             raise _Quit("flatfielding")

@@ -1,0 +1,129 @@
+"""Flat fielding and bad-pixel masking (SPEC 2.4, 2.5).
+
+Both take a :class:`~ioi.frame.Frame` (science ``(ny, nx)``, border already
+stripped) and calibration arrays of the same ``(ny, nx)`` shape, and return a
+new frame.
+
+Shape errors name both shapes.  The code is the calibration file's own
+(24 flat, 26 mask) unless the calibration array has the SPEC's standard
+2040x2040 shape, in which case the science frame is the odd one out and the
+code is 29 (DATA_SHAPE_MISMATCH); see
+:func:`ioi.stages.nonlinearity.check_calibration_shape`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from ioi.errors import ExitCode
+from ioi.frame import DQ, Frame
+from ioi.stages.nonlinearity import check_calibration_shape
+
+log = logging.getLogger(__name__)
+
+
+def apply_flat(frame: Frame, flat, *, path=None) -> Frame:
+    """Divide by a normalised flat field.
+
+    Parameters
+    ----------
+    frame : Frame
+        Science ``(ny, nx)``.
+    flat : array_like, (ny, nx)
+        Normalised response.
+    path : str, optional
+        File the flat came from, for messages and the L1FLATF keyword.
+
+    Returns
+    -------
+    Frame
+        science / flat, variance / flat^2 (the flat's own noise is not
+        propagated).  Where the flat is <= 0 or non-finite: science and
+        variance NaN, quality NO_FLAT | DO_NOT_USE.  Header L1FLAT = 1
+        (and L1FLATF = file name when ``path`` is given).
+
+    Raises
+    ------
+    IoiError
+        exit code 24 (or 29) when the flat's shape differs from the frame's.
+    """
+    flat = np.asarray(flat)
+    check_calibration_shape(flat, frame.shape, what="flat field", path=path,
+                            exit_code=ExitCode.FLAT_SHAPE_MISMATCH)
+    f = flat.astype(np.float64)
+    bad = ~(np.isfinite(f) & (f > 0))
+    f[bad] = np.nan
+    science = (frame.science / f).astype(np.float32)
+    variance = (frame.variance / f**2).astype(np.float32)
+    quality = frame.quality.copy()
+    quality[bad] |= np.uint32(DQ.NO_FLAT | DQ.DO_NOT_USE)
+    header = frame.header.copy()
+    header["L1FLAT"] = (1, "Flat field applied")
+    if path is not None:
+        header["L1FLATF"] = (str(path), "Flat field file")
+    if bad.any():
+        log.debug("flat: %d pixel(s) <= 0 or non-finite set to NaN", int(bad.sum()))
+    return frame.replace(science=science, variance=variance, quality=quality, header=header)
+
+
+def combined_bad_pixel_mask(masks: Mapping, shape) -> np.ndarray:
+    """True where any mask marks a bad pixel, bool ``shape`` (ny, nx).
+
+    ``masks`` maps a name (e.g. ``"FLAT"``, ``"LIN"``) to a ``(ny, nx)``
+    array holding 1 for good and NaN for bad.  Any non-finite or zero value
+    counts as bad; other finite values count as good (masks are flags, not
+    weights).  An empty mapping gives all False.
+
+    Raises
+    ------
+    IoiError
+        exit code 26 (or 29) naming the mask and both shapes when a mask has
+        the wrong shape.
+    """
+    shape = tuple(shape)
+    bad = np.zeros(shape, dtype=bool)
+    for name, mask in masks.items():  # loop over masks, not pixels
+        mask = np.asarray(mask)
+        check_calibration_shape(mask, shape, what=f"bad-pixel mask {name}", path=None,
+                                exit_code=ExitCode.MASK_SHAPE_MISMATCH)
+        bad |= ~np.isfinite(mask) | (mask == 0)
+    return bad
+
+
+def apply_bad_pixel_masks(frame: Frame, masks: Mapping) -> Frame:
+    """Set pixels bad in any of ``masks`` to NaN (the original multiplies the
+    1/NaN masks into the data; the result is the same).
+
+    Parameters
+    ----------
+    frame : Frame
+        Science ``(ny, nx)``.
+    masks : mapping of name -> array_like (ny, nx)
+        1 = good, NaN (or 0) = bad; see :func:`combined_bad_pixel_mask`.
+
+    Returns
+    -------
+    Frame
+        Bad pixels: science and variance NaN, quality MASKED | DO_NOT_USE.
+        Header L1BADPX = 1 and L1BADPXL = the mask names joined by commas.
+
+    Raises
+    ------
+    IoiError
+        exit code 26 (or 29) naming the mask and both shapes.
+    """
+    bad = combined_bad_pixel_mask(masks, frame.shape)
+    science = frame.science.copy()
+    variance = frame.variance.copy()
+    quality = frame.quality.copy()
+    science[bad] = np.nan
+    variance[bad] = np.nan
+    quality[bad] |= np.uint32(DQ.MASKED | DQ.DO_NOT_USE)
+    header = frame.header.copy()
+    header["L1BADPX"] = (int(bool(masks)), "Bad-pixel masks applied")
+    header["L1BADPXL"] = (",".join(str(k) for k in masks), "Bad-pixel masks used")
+    log.debug("bad-pixel masks %s: %d pixel(s) masked", ",".join(map(str, masks)), int(bad.sum()))
+    return frame.replace(science=science, variance=variance, quality=quality, header=header)

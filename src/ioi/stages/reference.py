@@ -1,0 +1,280 @@
+"""Reference-pixel subtraction (SPEC 2.1).
+
+The HAWAII-2RG has a border of ``border`` (4) never-illuminated reference
+pixels on every side.  Their level tracks the bias of each output amplifier
+(and, within an output, of even and odd columns) and its drift during the
+read, so subtracting it removes those offsets from the science pixels.
+
+Axis order: ``(ny, nx)`` for one read, ``(nreads, ny, nx)`` for a ramp;
+``y`` is the row, ``x`` the column.  All methods work on any frame size whose
+width splits into ``noutputs`` sections of an even number of columns (the
+simulator also makes 256x256 and 512x512 frames).
+
+Reference pixels used (``b`` = border, the outermost row/column skipped as
+unreliable, as in the original):
+
+* rows ``1 .. b-1`` at the bottom and ``ny-b .. ny-2`` at the top
+  (1-3 and 2044-2046 for a 2048-row frame), over every column;
+* for COLUMN, columns ``1 .. b-1`` and ``nx-b .. nx-2`` (1-3 and 2044-2046),
+  over every row.  The original took columns 2044-2045 only (a slice ending
+  one column short); we use all three.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+
+from ioi.errors import ConfigError, ExitCode, InputError, StageError
+
+log = logging.getLogger(__name__)
+
+REFERENCE_METHODS = ("TRIM", "CONSTANT", "CONSTANTOFF", "RAMP", "COLUMN", "FULL")
+ALLOWED_NOUTPUTS = (1, 4, 32)
+
+#: COLUMN smoothing: Gaussian kernel exp(-dy^2 / COLUMN_KERNEL_SCALE) over
+#: |dy| <= COLUMN_KERNEL_HALF_WIDTH rows (sigma = sqrt(50) ~ 7.1 rows).
+COLUMN_KERNEL_SCALE = 100.0
+COLUMN_KERNEL_HALF_WIDTH = 100
+
+
+def _check_method(method) -> str:
+    name = str(method).strip().upper()
+    if name not in REFERENCE_METHODS:
+        raise ConfigError(
+            f"unknown reference subtraction method {method!r}; "
+            f"allowed: {', '.join(REFERENCE_METHODS)}",
+            exit_code=ExitCode.UNKNOWN_REFERENCE_METHOD,
+        )
+    return name
+
+
+def output_sections(nx: int, noutputs) -> list[slice]:
+    """The column ranges read by each output amplifier.
+
+    Parameters
+    ----------
+    nx : int
+        Full width of the raw frame (reference columns included).
+    noutputs : int
+        Header NOUTPUTS: 1, 4 or 32.
+
+    Returns
+    -------
+    list of slice
+        ``noutputs`` slices of ``nx // noutputs`` columns each, left to right.
+
+    Raises
+    ------
+    IoiError (exit code 4, NO_NOUTPUTS)
+        ``noutputs`` missing or not 1, 4 or 32, or it does not split ``nx``
+        into sections of an even number of columns (needed for the even/odd
+        column offsets).
+    """
+    try:
+        n = int(noutputs)
+        ok = n == noutputs and n in ALLOWED_NOUTPUTS
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(
+            f"NOUTPUTS={noutputs!r} is not one of {ALLOWED_NOUTPUTS}",
+            exit_code=ExitCode.NO_NOUTPUTS,
+        )
+    if nx % (2 * n) != 0:
+        raise InputError(
+            f"NOUTPUTS={n} does not split a frame {nx} columns wide into "
+            f"sections of an even number of columns",
+            exit_code=ExitCode.NO_NOUTPUTS,
+        )
+    width = nx // n
+    return [slice(k * width, (k + 1) * width) for k in range(n)]
+
+
+def strip_border(array, *, border: int = 4) -> np.ndarray:
+    """Remove the reference border: ``(..., ny, nx) -> (..., ny-2b, nx-2b)``, a copy."""
+    array = np.asarray(array)
+    if border < 0 or array.ndim < 2:
+        raise StageError(f"cannot strip a border of {border} from an array of shape {array.shape}")
+    ny, nx = array.shape[-2:]
+    if ny <= 2 * border or nx <= 2 * border:
+        raise StageError(f"array of shape {array.shape} is too small to strip a {border}-pixel border")
+    if border == 0:
+        return array.copy()
+    return array[..., border:-border, border:-border].copy()
+
+
+def _reference_rows(ny: int, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the bottom and top reference rows used (outermost skipped)."""
+    bottom = np.arange(1, border)
+    top = np.arange(ny - border, ny - 1)
+    return bottom, top
+
+
+def _section_parity_means(rows: np.ndarray, nsect: int) -> np.ndarray:
+    """Mean of ``rows`` (nreads, nrows, nx) per section and column parity.
+
+    Returns float64 (nreads, nsect, 2); the last axis is (even, odd) column.
+    Sections are an even number of columns wide, so the parity inside a
+    section is the parity of the frame column.
+    """
+    nreads, nrows, nx = rows.shape
+    r = rows.reshape(nreads, nrows, nsect, nx // (2 * nsect), 2)
+    return r.mean(axis=(1, 3), dtype=np.float64)
+
+
+def subtract_reference(reads, *, method: str = "RAMP", noutputs: int = 32, border: int = 4) -> np.ndarray:
+    """Subtract the reference-pixel level from raw reads.
+
+    Parameters
+    ----------
+    reads : array_like, (ny, nx) or (nreads, ny, nx)
+        Raw reads in ADU, the reference border still present.
+    method : str
+        One of :data:`REFERENCE_METHODS` (case-insensitive):
+
+        ``TRIM``
+            No subtraction (the caller strips the border).
+        ``CONSTANT``
+            One mean of the reference rows, over the full width, subtracted
+            everywhere (per read).
+        ``CONSTANTOFF``
+            Per output section and column parity, the mean of the reference
+            rows subtracted from that section's columns of that parity.
+        ``RAMP`` (default)
+            Per section and parity, the bottom-row mean and the top-row mean
+            define a straight line in row number, evaluated at each row and
+            subtracted.  The two points are placed at the TRUE centres of the
+            reference rows used, row ``b/2`` (2) and row ``ny-1-b/2``
+            (``ny-3``, 2045 for 2048 rows).  The original placed them at
+            1.5 and 2055.5, which tilts the line slightly; we do not.
+        ``COLUMN``
+            The side reference columns are averaged per row, smoothed along
+            the rows with a normalised Gaussian kernel exp(-dy^2/100)
+            truncated at +-100 rows, and that per-row offset subtracted from
+            every pixel of the row.  At the top and bottom edges the profile
+            is mirrored with ``scipy.ndimage.convolve1d(mode='reflect')``
+            (``d c b a | a b c d``: the edge row is repeated, so the edge
+            value carries the same weight as its neighbours).
+        ``FULL``
+            RAMP, then COLUMN on the result.
+    noutputs : int
+        Header NOUTPUTS (1, 4 or 32): the number of equal vertical sections.
+    border : int
+        Width of the reference border (4 for the HAWAII-2RG); at least 2
+        unless ``method`` is TRIM.
+
+    Returns
+    -------
+    ndarray, float32, same shape as ``reads``
+        Reference-corrected reads, border still present.  Means are
+        accumulated in float64.
+
+    Raises
+    ------
+    IoiError
+        exit code 5 for an unknown method (the message lists the allowed
+        ones), exit code 4 for a bad ``noutputs``.
+    """
+    name = _check_method(method)
+    data = np.asarray(reads)
+    if data.ndim not in (2, 3):
+        raise StageError(f"reads must be (ny, nx) or (nreads, ny, nx), got shape {data.shape}")
+    single = data.ndim == 2
+    cube = np.array(data[np.newaxis] if single else data, dtype=np.float32, copy=True)
+    nreads, ny, nx = cube.shape
+    sections = output_sections(nx, noutputs)
+    nsect = len(sections)
+    if name != "TRIM" and (border < 2 or ny <= 2 * border or nx <= 2 * border):
+        raise StageError(
+            f"reference method {name} needs a border of at least 2 pixels inside the "
+            f"frame; got border={border} for shape {data.shape}"
+        )
+
+    if name == "CONSTANT":
+        bottom, top = _reference_rows(ny, border)
+        level = cube[:, np.concatenate([bottom, top]), :].mean(axis=(1, 2), dtype=np.float64)
+        cube -= level.astype(np.float32)[:, None, None]
+    elif name == "CONSTANTOFF":
+        bottom, top = _reference_rows(ny, border)
+        off = _section_parity_means(cube[:, np.concatenate([bottom, top]), :], nsect)
+        view = cube.reshape(nreads, ny, nsect, nx // (2 * nsect), 2)
+        view -= off.astype(np.float32)[:, None, :, None, :]
+    elif name in ("RAMP", "FULL"):
+        _subtract_ramp(cube, nsect, border)
+    if name in ("COLUMN", "FULL"):
+        _subtract_column(cube, border)
+    log.debug("reference subtraction %s on %d read(s) of %dx%d, %d outputs", name, nreads, ny, nx, nsect)
+    return cube[0] if single else cube
+
+
+def _subtract_ramp(cube: np.ndarray, nsect: int, border: int) -> None:
+    """RAMP in place on a private float32 cube (nreads, ny, nx)."""
+    nreads, ny, nx = cube.shape
+    bottom, top = _reference_rows(ny, border)
+    low = _section_parity_means(cube[:, bottom, :], nsect)  # (nreads, nsect, 2)
+    high = _section_parity_means(cube[:, top, :], nsect)
+    y_low, y_high = bottom.mean(), top.mean()  # true centres: b/2 and ny-1-b/2
+    slope = (high - low) / (y_high - y_low)
+    dy = np.arange(ny, dtype=np.float64) - y_low
+    # offset(read, row, section, parity), (nreads, ny, nsect, 2): small, float64
+    offset = low[:, None, :, :] + slope[:, None, :, :] * dy[None, :, None, None]
+    view = cube.reshape(nreads, ny, nsect, nx // (2 * nsect), 2)
+    view -= offset.astype(np.float32)[:, :, :, None, :]
+
+
+def _column_kernel() -> np.ndarray:
+    dy = np.arange(-COLUMN_KERNEL_HALF_WIDTH, COLUMN_KERNEL_HALF_WIDTH + 1, dtype=np.float64)
+    kernel = np.exp(-(dy**2) / COLUMN_KERNEL_SCALE)
+    return kernel / kernel.sum()
+
+
+def _subtract_column(cube: np.ndarray, border: int) -> None:
+    """COLUMN in place on a private float32 cube (nreads, ny, nx)."""
+    nreads, ny, nx = cube.shape
+    cols = np.concatenate([np.arange(1, border), np.arange(nx - border, nx - 1)])
+    per_row = cube[:, :, cols].mean(axis=2, dtype=np.float64)  # (nreads, ny)
+    # scipy's convolve1d does the mirrored-edge Gaussian smoothing along rows;
+    # 'reflect' keeps working when the kernel is longer than the profile.
+    smooth = ndimage.convolve1d(per_row, _column_kernel(), axis=1, mode="reflect")
+    cube -= smooth.astype(np.float32)[:, :, None]
+
+
+def estimate_read_noise(difference, *, border: int = 4) -> float:
+    """Read noise per read (ADU) from the reference pixels of a read difference.
+
+    Parameters
+    ----------
+    difference : array_like, (ny, nx)
+        Difference of two reference-corrected reads, border still present.
+    border : int
+        Reference border width.
+
+    Returns
+    -------
+    float
+        ``1.4826 * MAD / sqrt(2)`` of the reference pixels used for the
+        correction (rows ``1..b-1`` and ``ny-b..ny-2`` and columns ``1..b-1``
+        and ``nx-b..nx-2``; the outermost row and column skipped).  Reference
+        pixels see no light, so their difference holds read noise only; the
+        MAD makes it robust to a few hot pixels, and sqrt(2) converts the
+        noise of a difference into the noise of one read.
+    """
+    diff = np.asarray(difference, dtype=np.float64)
+    if diff.ndim != 2 or border < 2 or min(diff.shape) <= 2 * border:
+        raise StageError(f"estimate_read_noise needs a (ny, nx) frame with a border of {border}; got {diff.shape}")
+    ny, nx = diff.shape
+    use = np.zeros((ny, nx), dtype=bool)
+    bottom, top = _reference_rows(ny, border)
+    use[bottom, 1:-1] = True
+    use[top, 1:-1] = True
+    use[1:-1, 1:border] = True
+    use[1:-1, nx - border : nx - 1] = True
+    values = diff[use]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise StageError("no finite reference pixels to estimate the read noise from")
+    mad = np.median(np.abs(values - np.median(values)))
+    return float(1.4826 * mad / np.sqrt(2.0))
