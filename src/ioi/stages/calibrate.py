@@ -14,6 +14,7 @@ code is 29 (DATA_SHAPE_MISMATCH); see
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -63,7 +64,7 @@ def apply_flat(frame: Frame, flat, *, path=None) -> Frame:
     header = frame.header.copy()
     header["L1FLAT"] = (1, "Flat field applied")
     if path is not None:
-        header["L1FLATF"] = (str(path), "Flat field file")
+        header["L1FLATF"] = (os.path.basename(str(path)), "Flat field file")
     if bad.any():
         log.debug("flat: %d pixel(s) <= 0 or non-finite set to NaN", int(bad.sum()))
     return frame.replace(science=science, variance=variance, quality=quality, header=header)
