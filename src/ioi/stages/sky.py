@@ -1,0 +1,618 @@
+"""Sky subtraction from the dither frames themselves (SPEC 2.6).
+
+For each dither frame ``i`` a sky is built from the other frames
+(``peers_only``) or from all of them: every contributing frame ``j`` is
+shifted to frame ``i``'s level by the mean of the iteratively sigma-clipped
+difference ``i - j`` and the shifted frames are combined pixel by pixel with
+the median, a Tukey biweight or a Huber M-estimator.  NaN sky pixels are
+filled with a box mean, the sky is subtracted and its variance added.
+
+*Beyond* the original (``mask_sources=True``, the default): sources found in
+a first-pass sky-subtracted frame are masked (dilated) in the stack and every
+sky is rebuilt without them, so that extended objects do not bias the sky.
+
+Axis order: ``(ny, nx)`` for a frame, ``(nframes, ny, nx)`` for a stack.
+
+Level offsets.  The clipped mean of ``i - j`` is computed for every pair on
+the same random subsample of pixels, so ``offset[i, j] == -offset[j, i]``.
+The per-frame levels ``L`` are the least-squares solution of
+``L_i - L_j = offset[i, j]`` (``L_i = mean_j offset[i, j]``); frame ``j`` is
+shifted by ``L_i - L_j``.  For three or more frames this differs from the
+raw pair offset only by the (noise-level) non-additivity of the clipped means,
+which is logged at DEBUG; it lets all ``n`` median skies come from one sort
+of the level-normalised stack instead of ``n`` separate medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+
+import bottleneck as bn
+import numpy as np
+from scipy import ndimage
+
+from ioi.errors import ExitCode, IoiError, StageError, StageWarning
+from ioi.frame import DQ
+
+log = logging.getLogger(__name__)
+
+SKY_ALGORITHMS = ("MEDIAN", "TUKEY", "HUBER")
+
+#: Tuning constants giving 95 % Gaussian efficiency (the textbook values).
+_TUKEY_C = 4.685
+_HUBER_C = 1.345
+#: Variance of the estimator relative to the mean's, for Gaussian data.
+_VARIANCE_FACTOR = {"MEDIAN": math.pi / 2, "TUKEY": 1 / 0.95, "HUBER": 1 / 0.95}
+#: IRLS stops for a pixel when the update is below this fraction of the scale.
+_IRLS_TOL = 1e-2  # 0.01 sigma: far below the estimate's own error (~0.4 sigma for 8 frames)
+#: Pixels drawn for the level-offset clipping (FIELD_NOTES: a subsample suffices).
+_N_SUBSAMPLE = 20000
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SkyResult:
+    """What :func:`subtract_sky` returns.
+
+    Attributes
+    ----------
+    frames : list of Frame
+        The sky-subtracted frames, in input order.
+    skies : list of ndarray, float32, (ny, nx)
+        The sky subtracted from each frame (NaN where none could be made).
+    offsets : ndarray, float64, (nframes, nframes)
+        ``offsets[i, j]``: clipped mean of ``frame_i - frame_j`` (final pass).
+    levels : ndarray, float64, (nframes,)
+        Per-frame levels (least squares from ``offsets``, mean zero).
+    unsolved_fraction : ndarray, float64, (nframes,)
+        Fraction of pixels whose robust estimate did not converge (0 for MEDIAN,
+        and for frames where the median fallback was used).
+    source_masks : list of ndarray of bool, (ny, nx), or None
+        The dilated source masks of the second pass (None without masking).
+    notes : list of str
+        Warnings and fallbacks, in words.
+    """
+
+    frames: list
+    skies: list
+    offsets: np.ndarray
+    levels: np.ndarray
+    unsolved_fraction: np.ndarray
+    source_masks: list | None
+    notes: list
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_algorithm(algorithm: str) -> str:
+    alg = str(algorithm).strip().upper()
+    if alg not in SKY_ALGORITHMS:
+        raise StageError(
+            f"make_algorithm = {algorithm!r} is not one of {', '.join(SKY_ALGORITHMS)}",
+            exit_code=ExitCode.UNKNOWN_SKY_ALGORITHM,
+        )
+    return alg
+
+
+def _clip_stats(diff: np.ndarray, sigma: float, *, what: str) -> tuple[float, float]:
+    """Mean and rms of the iteratively sigma-clipped 1-d ``diff`` (finite values only).
+
+    Clipping is about the median (robust on the first pass) at ``sigma`` rms;
+    it stops when no value changes state.  Raises exit 25 if nothing is left.
+    """
+    d = np.asarray(diff, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    keep = np.ones(d.size, dtype=bool)
+    for _ in range(100):
+        if not keep.any():
+            break
+        kept = d[keep]
+        centre = np.median(kept)
+        rms = kept.std()
+        new = np.abs(d - centre) <= sigma * rms
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    if not keep.any():
+        raise IoiError(
+            f"sky level offset ({what}): sigma clipping at bg_sigma_clip = {sigma} "
+            f"left no pixels ({d.size} finite differences)",
+            exit_code=ExitCode.SKY_CLIP_EMPTY,
+        )
+    kept = d[keep]
+    return float(kept.mean()), float(kept.std())
+
+
+def _subsample_index(shape, n: int, seed: int) -> np.ndarray:
+    npix = int(np.prod(shape))
+    if npix <= n:
+        return np.arange(npix)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(npix, size=n, replace=False))
+
+
+def level_offset(frame_i, frame_j, *, sigma: float, max_pixels: int = _N_SUBSAMPLE,
+                 seed: int = 0) -> float:
+    """Mean of the iteratively sigma-clipped difference ``frame_i - frame_j``.
+
+    Parameters
+    ----------
+    frame_i, frame_j : ndarray (ny, nx) or Frame
+        NaN pixels are ignored.
+    sigma : float
+        Clipping threshold in units of the difference's rms.
+    max_pixels : int, keyword-only
+        Clip a random subsample of this many pixels (seeded: reproducible).
+
+    Raises
+    ------
+    IoiError
+        Exit 25 when clipping leaves nothing (e.g. no common finite pixel).
+    """
+    a = np.asarray(getattr(frame_i, "science", frame_i))
+    b = np.asarray(getattr(frame_j, "science", frame_j))
+    if a.shape != b.shape:
+        raise StageError(f"level_offset: shapes {a.shape} and {b.shape} differ",
+                         exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+    idx = _subsample_index(a.shape, 4 * max_pixels, seed)
+    diff = a.reshape(-1)[idx].astype(np.float64) - b.reshape(-1)[idx]
+    diff = diff[np.isfinite(diff)][:max_pixels]
+    return _clip_stats(diff, sigma, what="one pair")[0]
+
+
+def _pair_offsets(stack: np.ndarray, sigma: float, seed: int = 0):
+    """Clipped mean and rms of ``stack[i] - stack[j]`` for every pair, on one subsample.
+
+    Draws 4x the target subsample so that enough finite pairs survive NaNs.
+    Returns ``(offsets, rms)``, both (n, n) float64, offsets antisymmetric.
+    """
+    n = stack.shape[0]
+    idx = _subsample_index(stack.shape[1:], 4 * _N_SUBSAMPLE, seed)
+    sub = stack.reshape(n, -1)[:, idx].astype(np.float64)  # (n, m) small
+    off = np.zeros((n, n))
+    rms = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = sub[i] - sub[j]
+            d = d[np.isfinite(d)][:_N_SUBSAMPLE]
+            m, s = _clip_stats(d, sigma, what=f"frames {i} and {j}")
+            off[i, j], off[j, i] = m, -m
+            rms[i, j] = rms[j, i] = s
+    return off, rms
+
+
+def robust_combine(stack, *, algorithm: str = "MEDIAN", scale=None, max_iterations: int = 50):
+    """Combine a stack pixel by pixel with the median, Tukey biweight or Huber estimator.
+
+    Parameters
+    ----------
+    stack : ndarray, (nframes, ny, nx)
+        Values to combine along axis 0; NaN values are ignored.
+    algorithm : {"MEDIAN", "TUKEY", "HUBER"}
+    scale : float
+        Noise scale (sigma of one value) for TUKEY/HUBER; ignored for MEDIAN.
+    max_iterations : int
+        IRLS iterations allowed for a pixel to converge.
+
+    Returns
+    -------
+    values : ndarray, float32, (ny, nx)
+        NaN where no finite value exists.  Non-converged pixels keep their last
+        iterate (the caller decides what to do with them).
+    converged : ndarray of bool, (ny, nx)
+        False where the M-estimator did not converge in ``max_iterations``.
+
+    All pixels are iterated at once (iteratively re-weighted least squares with
+    array weights) starting from the median; each iteration only touches the
+    pixels not yet converged.
+    """
+    alg = _check_algorithm(algorithm)
+    stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise StageError(f"robust_combine: stack must be (nframes, ny, nx), got {stack.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN, as wanted
+        med = bn.nanmedian(stack, axis=0)
+    converged = np.ones(stack.shape[1:], dtype=bool)
+    if alg == "MEDIAN":
+        return med.astype(np.float32), converged
+    if scale is None or not np.isfinite(scale) or scale <= 0:
+        raise StageError(f"robust_combine: {alg} needs a positive finite scale, got {scale!r}")
+    n = stack.shape[0]
+    mu = med.reshape(-1).astype(np.float64)
+    active = np.flatnonzero(np.isfinite(mu))
+    # Working copies of the active pixels only, shrunk as pixels converge.
+    # float32 arithmetic for the weights, float64 for the weighted sums.
+    x = stack.reshape(n, -1)[:, active].astype(np.float32)
+    fin = np.isfinite(x)
+    x[~fin] = 0.0
+    m = mu[active]
+    c = np.float32((_TUKEY_C if alg == "TUKEY" else _HUBER_C) * float(scale))
+    tol = _IRLS_TOL * float(scale)
+    for _ in range(max_iterations):
+        if active.size == 0:
+            break
+        u = (x - m.astype(np.float32)) / c
+        if alg == "TUKEY":
+            w = np.clip(1.0 - u * u, 0.0, None) ** 2
+        else:
+            au = np.abs(u)
+            w = np.minimum(np.float32(1.0), 1.0 / np.maximum(au, np.float32(1e-30)))
+        w *= fin
+        sw = w.sum(axis=0, dtype=np.float64)
+        swx = (w * x).sum(axis=0, dtype=np.float64)
+        ok = sw > 0
+        new = np.where(ok, swx / np.where(ok, sw, 1.0), m)
+        # No value within c*scale of the estimate (a redescending estimator
+        # with nothing to hold on to, e.g. a bimodal pixel): keep the current
+        # estimate, the median on the first iteration, and call it done.
+        done = ~ok | (np.abs(new - m) <= tol)
+        mu[active] = new
+        keep = ~done
+        active, x, fin, m = active[keep], x[:, keep], fin[:, keep], new[keep]
+    converged.reshape(-1)[active] = False
+    return mu.reshape(stack.shape[1:]).astype(np.float32), converged
+
+
+def fill_nan_box_mean(image, *, box: int = 5, max_passes: int | None = None) -> np.ndarray:
+    """Replace NaN pixels by the mean of the finite values in a ``box`` x ``box`` window.
+
+    Parameters
+    ----------
+    image : ndarray, (ny, nx)
+    box : int
+        Window side in pixels (odd values centre the window on the pixel).
+    max_passes : int or None
+        Repeat on the result while NaNs remain that a box could reach (a box of
+        only NaN fills on a later pass); None: until nothing more changes; 1:
+        the original's single pass.
+
+    Returns
+    -------
+    ndarray, float32, (ny, nx)
+        A new array; finite input pixels are unchanged.
+
+    Vectorised: ``uniform_filter`` of the values (NaN -> 0) and of the finite
+    indicator; their ratio is the mean of the finite values in the box.
+    """
+    out = np.array(image, dtype=np.float32, copy=True)
+    if box < 1:
+        raise StageError(f"smoothing_box_size = {box} must be at least 1")
+    passes = 0
+    while True:
+        bad = ~np.isfinite(out)
+        if not bad.any() or bad.all():
+            break
+        if max_passes is not None and passes >= max_passes:
+            break
+        good = (~bad).astype(np.float64)
+        vals = np.where(bad, 0.0, out.astype(np.float64))
+        s = ndimage.uniform_filter(vals, size=box, mode="constant", cval=0.0)
+        cnt = ndimage.uniform_filter(good, size=box, mode="constant", cval=0.0)
+        fill = bad & (cnt > 1e-9)
+        if not fill.any():
+            break
+        out[fill] = (s[fill] / cnt[fill]).astype(np.float32)
+        passes += 1
+    return out
+
+
+# --------------------------------------------------------------------------- sky builds
+
+
+def _levels_from_offsets(off: np.ndarray) -> np.ndarray:
+    """Least-squares levels L (mean 0) with L_i - L_j ~ off[i, j] for an antisymmetric off."""
+    levels = off.mean(axis=1)
+    n = off.shape[0]
+    if n > 2:
+        resid = off - (levels[:, None] - levels[None, :])
+        log.debug("sky level offsets: max non-additivity %.3g ADU", float(np.abs(resid).max()))
+    return levels
+
+
+def _scale_for(rms: np.ndarray, i: int, peers: np.ndarray) -> float:
+    others = [int(j) for j in peers if j != i]
+    vals = rms[i, others] if others else rms.ravel()
+    vals = vals[vals > 0]
+    return float(np.median(vals) / math.sqrt(2)) if vals.size else 0.0
+
+
+def build_sky(stack, target_index: int, *, peers_only: bool = True, algorithm: str = "MEDIAN",
+              levels=None, scale=None, bg_sigma_clip: float = 3.0, max_iterations: int = 50,
+              max_unsolved_percentage: float = 1.0, chunk_rows: int = 256):
+    """The sky for one frame of a stack, before NaN filling.
+
+    Parameters
+    ----------
+    stack : ndarray, (nframes, ny, nx)
+        Frames (NaN = bad or masked).
+    target_index : int
+        The frame the sky is for.
+    peers_only : bool
+        Build it from the other frames only (True) or from all.
+    algorithm : {"MEDIAN", "TUKEY", "HUBER"}
+    levels : ndarray (nframes,), optional
+        Per-frame levels; frame ``j`` is shifted by ``levels[i] - levels[j]``.
+        Computed from the pairwise clipped offsets when not given.
+    scale : float, optional
+        M-estimator scale; default median(rms of the clipped differences i - j)/sqrt(2).
+    max_unsolved_percentage : float
+        More non-converged pixels than this: the median is used instead (logged);
+        fewer: those pixels become NaN.
+
+    Returns
+    -------
+    sky : ndarray, float32, (ny, nx)
+        NaN where no frame contributes or an estimate did not converge.
+    unsolved : ndarray of bool, (ny, nx)
+        Pixels made NaN because the estimator did not converge.
+    """
+    alg = _check_algorithm(algorithm)
+    stack = np.asarray(stack)
+    n = stack.shape[0]
+    if not 0 <= target_index < n:
+        raise StageError(f"build_sky: target_index {target_index} outside 0..{n - 1}")
+    rms = None
+    if levels is None or (alg != "MEDIAN" and scale is None):
+        off, rms = _pair_offsets(stack, bg_sigma_clip)
+        if levels is None:
+            levels = _levels_from_offsets(off)
+    peers = np.array([j for j in range(n) if j != target_index]) if peers_only and n > 1 \
+        else np.arange(n)
+    if alg != "MEDIAN" and scale is None:
+        scale = _scale_for(rms, target_index, peers)
+    shift = (levels[target_index] - levels[peers]).astype(np.float32)[:, None, None]
+    ny = stack.shape[1]
+    sky = np.empty(stack.shape[1:], dtype=np.float32)
+    conv = np.ones(stack.shape[1:], dtype=bool)
+    for r0 in range(0, ny, chunk_rows):
+        chunk = stack[peers, r0:r0 + chunk_rows].astype(np.float32) + shift
+        sky[r0:r0 + chunk_rows], conv[r0:r0 + chunk_rows] = robust_combine(
+            chunk, algorithm=alg, scale=scale, max_iterations=max_iterations)
+    unsolved = ~conv
+    pct = 100.0 * unsolved.mean()
+    if pct > max_unsolved_percentage:
+        log.info("sky for frame %d: %s left %.2f %% of pixels unsolved (> %.2f %%): using the median",
+                 target_index, alg, pct, max_unsolved_percentage)
+        med, _ = build_sky(stack, target_index, peers_only=peers_only, algorithm="MEDIAN",
+                           levels=levels, chunk_rows=chunk_rows)
+        return med, np.zeros_like(unsolved)
+    sky[unsolved] = np.nan
+    return sky, unsolved
+
+
+def _all_median_skies(stack: np.ndarray, levels: np.ndarray, *, peers_only: bool,
+                      chunk_rows: int = 128) -> np.ndarray:
+    """All n median skies, (n, ny, nx) float32, NaN-aware, in row chunks.
+
+    Frames are level-normalised once (``stack[j] - levels[j]``) and each sky is
+    the median of the normalised peers plus ``levels[i]``.  Without
+    ``peers_only`` one bottleneck median serves every frame.  With it, the
+    normalised values are sorted along the frame axis once per chunk; the
+    median of the values without frame ``i`` is read off the sorted array at
+    positions moved past ``i``'s rank (NaNs sort last and are not counted).
+    Exactly equal to ``nanmedian`` over the peers, and measured 2x faster than
+    nine bottleneck medians on 9 x 2040^2 (1.3 s against 2.75 s on 2 cores).
+    """
+    n, ny, nx = stack.shape
+    skies = np.empty(stack.shape, dtype=np.float32)
+    lv = levels.astype(np.float32)[:, None, None]
+    frame_ax = np.arange(n)[:, None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels -> NaN
+        for r0 in range(0, ny, chunk_rows):
+            rows = slice(r0, r0 + chunk_rows)
+            norm = stack[:, rows] - lv
+            if not peers_only or n == 1:
+                skies[:, rows] = bn.nanmedian(norm, axis=0)[None] + lv
+                continue
+            order = np.argsort(norm, axis=0)
+            srt = np.take_along_axis(norm, order, axis=0)
+            finite = np.isfinite(norm)
+            count = finite.sum(axis=0)
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(frame_ax, order.shape), axis=0)
+            for i in range(n):
+                r = rank[i]
+                c = count - finite[i]  # finite peers
+                k1 = np.maximum(c - 1, 0) // 2
+                k2 = c // 2
+                # k-th smallest peer = sorted position k, or k+1 once past frame i's rank
+                v1 = np.take_along_axis(srt, np.minimum(k1 + (k1 >= r), n - 1)[None], axis=0)[0]
+                v2 = np.take_along_axis(srt, np.minimum(k2 + (k2 >= r), n - 1)[None], axis=0)[0]
+                med = 0.5 * (v1.astype(np.float64) + v2) + levels[i]
+                med[c == 0] = np.nan
+                skies[i, rows] = med
+    return skies
+
+
+def _sky_variances(var_stack: np.ndarray, valid: np.ndarray, *, peers_only: bool,
+                   factor: float) -> list:
+    """factor x mean(variance of the contributing frames) / n_contributing, per frame.
+
+    The sum over all frames is accumulated once in float64 and each frame's own
+    term removed for ``peers_only`` (per-frame arithmetic in float32: plenty for
+    a variance estimate).  Returns float32 (ny, nx) arrays, NaN where no frame
+    contributes.
+    """
+    v = np.where(valid, var_stack, np.float32(0.0))
+    total = v.sum(axis=0, dtype=np.float64).astype(np.float32)
+    count = valid.sum(axis=0, dtype=np.int16)
+    out = []
+    for i in range(var_stack.shape[0]):
+        if peers_only and var_stack.shape[0] > 1:
+            s, c = total - v[i], count - valid[i]
+        else:
+            s, c = total, count
+        c = c.astype(np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(np.float32(factor) * s / (c * c))  # c == 0: 0/0 -> NaN
+    return out
+
+
+def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int) -> np.ndarray:
+    """Pixels of sources found by sep at ``sigma`` x background rms, dilated by ``dilate`` px."""
+    import sep  # deferred: only the two-pass mode needs it
+
+    data = np.ascontiguousarray(image, dtype=np.float32).copy()
+    bad = ~np.isfinite(data)
+    data[bad] = 0.0
+    if bad.all():
+        return np.zeros(data.shape, dtype=bool)
+    bkg = sep.Background(data, mask=bad)
+    sub = data - bkg.back()
+    sub[bad] = 0.0
+    old = sep.get_extract_pixstack()
+    sep.set_extract_pixstack(max(old, data.size))
+    try:
+        _, seg = sep.extract(sub, sigma, err=bkg.globalrms, mask=bad, minarea=5,
+                             segmentation_map=True)
+    finally:
+        sep.set_extract_pixstack(old)
+    mask = seg > 0
+    if dilate > 0:
+        # A square maximum filter is separable, hence much faster than
+        # binary_dilation with a disc on a full frame.
+        mask = ndimage.maximum_filter(mask, size=2 * int(dilate) + 1)
+    return mask
+
+
+def _sky_pass(stack, var_stack, *, peers_only, alg, bg_sigma_clip, max_iterations,
+              max_unsolved_percentage, notes):
+    """Raw skies (before filling), their variances, offsets, levels and unsolved fractions."""
+    n = stack.shape[0]
+    off, rms = _pair_offsets(stack, bg_sigma_clip)
+    levels = _levels_from_offsets(off)
+    if alg == "MEDIAN":
+        skies = list(_all_median_skies(stack, levels, peers_only=peers_only))
+        unsolved = np.zeros(n)
+    else:
+        skies, unsolved = [], np.zeros(n)
+        for i in range(n):
+            peers = [j for j in range(n) if j != i] if peers_only and n > 1 else list(range(n))
+            sky, uns = build_sky(stack, i, peers_only=peers_only, algorithm=alg, levels=levels,
+                                 scale=_scale_for(rms, i, np.array(peers)),
+                                 max_iterations=max_iterations,
+                                 max_unsolved_percentage=max_unsolved_percentage)
+            if uns.any():
+                notes.append(f"frame {i}: {uns.sum()} pixels did not converge ({alg}); set NaN")
+            unsolved[i] = uns.mean()
+            skies.append(sky)
+    variances = _sky_variances(var_stack, np.isfinite(stack), peers_only=peers_only,
+                               factor=_VARIANCE_FACTOR[alg])
+    return skies, variances, off, levels, unsolved
+
+
+def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
+                 bg_sigma_clip: float = 3.0, smoothing_box_size: int = 5,
+                 max_iterations: int = 50, max_unsolved_percentage: float = 1.0,
+                 mask_sources: bool = True, source_sigma: float = 3.0, mask_dilate: int = 5,
+                 fill_passes: int | None = 1) -> SkyResult:
+    """Build a sky for every dither frame from the frames themselves and subtract it.
+
+    Parameters
+    ----------
+    frames : list of Frame
+        Dither frames of one multrun, science (ny, nx) float32 with NaN bad pixels.
+    peers_only : bool
+        Each frame's sky from the other frames only (True) or from all frames.
+    algorithm : {"MEDIAN", "TUKEY", "HUBER"}
+        Pixel-by-pixel combination (``make_algorithm``); other values: exit 38.
+    bg_sigma_clip : float
+        Clipping threshold (rms) for the level offsets.
+    smoothing_box_size : int
+        Box for filling NaN sky pixels with the mean of their finite neighbours.
+    max_iterations, max_unsolved_percentage
+        M-estimator iteration limit and the percentage of unconverged pixels above
+        which the median is used instead.
+    mask_sources, source_sigma, mask_dilate
+        *Beyond*: two passes, masking sep detections at ``source_sigma`` dilated by
+        ``mask_dilate`` px before the second.  ``mask_sources=False`` is the original.
+    fill_passes : int or None
+        Passes of the box fill (1, the original: NaNs in a box of only NaN remain and
+        give StageWarning exit 30; None: repeat until filled).
+
+    Returns
+    -------
+    SkyResult
+        New frames; the inputs are not modified.  The variance of each sky is
+        estimated as factor x mean(variance of contributing frames) / n, factor
+        pi/2 for the median and 1/0.95 for the M-estimators.  Quality: SOURCE on
+        masked source pixels; NO_SKY|DO_NOT_USE where no sky could be made.
+    """
+    alg = _check_algorithm(algorithm)
+    frames = list(frames)
+    n = len(frames)
+    if n < 2:
+        raise StageError(f"sky subtraction needs at least 2 frames, got {n}")
+    shape = frames[0].shape
+    for k, f in enumerate(frames):
+        if f.shape != shape:
+            raise StageError(f"sky subtraction: frame {k} has shape {f.shape}, frame 0 has {shape}",
+                             exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+    stack = np.empty((n,) + shape, dtype=np.float32)
+    for k, f in enumerate(frames):  # DO_NOT_USE pixels count as missing
+        np.copyto(stack[k], f.science, casting="same_kind")
+        stack[k][(f.quality & DQ.DO_NOT_USE) != 0] = np.nan
+    var_stack = np.stack([f.variance for f in frames], dtype=np.float32)
+    notes: list[str] = []
+    kw = dict(peers_only=peers_only, alg=alg, bg_sigma_clip=bg_sigma_clip,
+              max_iterations=max_iterations, max_unsolved_percentage=max_unsolved_percentage,
+              notes=notes)
+    skies, sky_vars, off, levels, unsolved = _sky_pass(stack, var_stack, **kw)
+    masks = None
+    if mask_sources:
+        masks = []
+        for i in range(n):
+            first = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes)
+            masks.append(_detect_source_mask(stack[i] - first, sigma=source_sigma,
+                                             dilate=mask_dilate))
+        masked = stack.copy()
+        masked[np.stack(masks)] = np.nan
+        skies2, vars2, off, levels, unsolved = _sky_pass(masked, var_stack, **kw)
+        for i in range(n):
+            # Where every contributing frame is masked keep the first-pass sky.
+            hole = ~np.isfinite(skies2[i])
+            skies2[i][hole] = skies[i][hole]
+            vars2[i][hole] = sky_vars[i][hole]
+        skies, sky_vars = skies2, vars2
+        log.info("sky: second pass with %s source pixels masked",
+                 ", ".join(f"{m.mean():.1%}" for m in masks))
+    out_frames, out_skies = [], []
+    for i, f in enumerate(frames):
+        sky = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes)
+        svar = fill_nan_box_mean(sky_vars[i], box=smoothing_box_size, max_passes=fill_passes)
+        nosky = ~np.isfinite(sky)
+        if nosky.any():
+            msg = (f"frame {i}: {int(nosky.sum())} sky pixels remain NaN after box filling "
+                   f"(smoothing_box_size = {smoothing_box_size})")
+            notes.append(msg)
+            warnings.warn(StageWarning(msg, exit_code=ExitCode.SKY_BAD_PIXELS_REMAIN), stacklevel=2)
+        science = (f.science.astype(np.float32) - sky).astype(np.float32)
+        variance = (f.variance.astype(np.float32) + svar).astype(np.float32)
+        quality = f.quality.copy()
+        quality[nosky] |= np.uint32(DQ.NO_SKY | DQ.DO_NOT_USE)
+        if masks is not None:
+            quality[masks[i]] |= np.uint32(DQ.SOURCE)
+        hdr = f.header.copy()
+        hdr["L1SKYSUB"] = (1, "sky subtracted (1 = yes)")
+        hdr["SKYALG"] = (alg, "sky combination algorithm")
+        hdr["SKYPEERS"] = (int(bool(peers_only)), "sky from other frames only (1) or all (0)")
+        hdr["SKYNFRM"] = (n - 1 if peers_only else n, "frames combined into the sky")
+        hdr["SKY2PASS"] = (int(bool(mask_sources)), "sources masked before final sky (1 = yes)")
+        hdr["SKYCLIP"] = (float(bg_sigma_clip), "sigma clip for sky level offsets")
+        hdr["SKYBOX"] = (int(smoothing_box_size), "box for filling NaN sky pixels")
+        hdr["SKYLEVEL"] = (float(levels[i]), "[ADU] level relative to mean of frames")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med_sky = float(bn.nanmedian(sky))
+        if np.isfinite(med_sky):
+            hdr["SKYMED"] = (med_sky, "[ADU] median of the subtracted sky")
+        out_frames.append(f.replace(science=science, variance=variance, quality=quality, header=hdr))
+        out_skies.append(sky)
+    return SkyResult(frames=out_frames, skies=out_skies, offsets=off, levels=levels,
+                     unsolved_fraction=np.asarray(unsolved, dtype=np.float64),
+                     source_masks=masks, notes=notes)

@@ -1,0 +1,178 @@
+"""Stacking of registered dither frames (SPEC 2.8).
+
+MEAN: NaN-aware mean (GAIN and EPERDN multiplied by the number of frames).
+COADD: NaN-aware sum (EXPTIME x n, NCOADDS = n).  MEANANDSCALE: mean x n
+(EXPTIME x n, NCOADDS = n), which, unlike COADD, compensates pixels that
+lack some frames.  *Beyond*: optional sigma clipping, a propagated variance
+plane and an exposure (count) map.  Frames are combined in row chunks with
+float64 accumulation.
+
+Axis order: ``(ny, nx)`` for a frame, ``(nframes, rows, nx)`` for a chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import bottleneck as bn
+import numpy as np
+
+from ioi.errors import ExitCode, StageError, StageWarning
+from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame
+
+log = logging.getLogger(__name__)
+
+STACKING_METHODS = ("MEAN", "COADD", "MEANANDSCALE")
+
+__all__ = ["STACKING_METHODS", "GAIN_BY_ASICGAIN", "StackResult", "stack_frames", "gain_keywords"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackResult:
+    """What :func:`stack_frames` returns.
+
+    Attributes
+    ----------
+    frame : Frame
+        The stack: science, variance, quality (ny, nx) and header.
+    exposure_map : ndarray, int16, (ny, nx)
+        Number of frames contributing to each pixel.
+    n_frames : int
+        Number of input frames.
+    """
+
+    frame: Frame
+    exposure_map: np.ndarray
+    n_frames: int
+
+
+def gain_keywords(asicgain) -> dict | None:
+    """GAIN and EPERDN (e-/ADU) for an ASICGAIN setting, or None with StageWarning exit 34."""
+    try:
+        value = float(asicgain)
+        key = int(value) if value.is_integer() else None
+    except (TypeError, ValueError):
+        key = None
+    if key not in GAIN_BY_ASICGAIN:
+        warnings.warn(StageWarning(f"ASICGAIN = {asicgain!r} is not one of "
+                                   f"{sorted(GAIN_BY_ASICGAIN)}: GAIN/EPERDN left out",
+                                   exit_code=ExitCode.UNKNOWN_ASICGAIN), stacklevel=2)
+        return None
+    g = GAIN_BY_ASICGAIN[key]
+    return {"GAIN": g, "EPERDN": g}
+
+
+def _clip_chunk(data: np.ndarray, var: np.ndarray, valid: np.ndarray, clip_sigma: float,
+                max_iterations: int = 5) -> np.ndarray:
+    """Reject values farther than clip_sigma x sigma from the median of the kept ones.
+
+    sigma is the larger of each value's own sqrt(variance) and 1.4826 x MAD of
+    the kept values: a robust scale is needed (with a few frames one outlier
+    inflates the plain std enough to hide itself), and the MAD term keeps real
+    frame-to-frame differences the variance plane omits (interpolation errors in
+    star cores) from being clipped.
+    """
+    valid = valid.copy()
+    for _ in range(max_iterations):
+        kept = np.where(valid, data, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = bn.nanmedian(kept, axis=0)
+            mad = 1.4826 * bn.nanmedian(np.abs(kept - centre), axis=0)
+        sigma = np.fmax(np.sqrt(np.where(var > 0, var, 0.0)), mad[None])
+        new = valid & (np.abs(data - centre) <= clip_sigma * sigma)
+        # never reject every value of a pixel
+        new |= valid & ~new.any(axis=0)[None]
+        if np.array_equal(new, valid):
+            break
+        valid = new
+    return valid
+
+
+def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = None,
+                 chunk_rows: int = 256) -> StackResult:
+    """Combine registered frames pixel by pixel.
+
+    Parameters
+    ----------
+    frames : list of Frame, each (ny, nx)
+        The first is the reference: its header is the stack's.  NaN values and
+        DO_NOT_USE pixels are left out.
+    method : {"MEAN", "COADD", "MEANANDSCALE"}
+        Other values: exit 33.
+    clip_sigma : float or None
+        Sigma-clipped combination (each value against its own noise).
+    chunk_rows : int
+        Rows combined at a time (bounds memory).
+
+    Returns
+    -------
+    StackResult
+        Variance: MEAN sum(var)/n_used^2; COADD sum(var); MEANANDSCALE
+        n^2 sum(var)/n_used^2.  Pixels with no contribution: NaN and
+        DO_NOT_USE|NO_OVERLAP.  Empty input or an all-NaN stack: exit 13.
+    """
+    meth = str(method).strip().upper()
+    if meth not in STACKING_METHODS:
+        raise StageError(f"stacking method = {method!r} is not one of {', '.join(STACKING_METHODS)}",
+                         exit_code=ExitCode.UNKNOWN_STACKING_METHOD)
+    frames = list(frames)
+    n = len(frames)
+    if n == 0:
+        raise StageError("stacking: no frames to stack", exit_code=ExitCode.STACKING_FAILED)
+    shape = frames[0].shape
+    for k, f in enumerate(frames):
+        if f.shape != shape:
+            raise StageError(f"stacking: frame {k} has shape {f.shape}, frame 0 has {shape}",
+                             exit_code=ExitCode.STACKING_FAILED)
+    ny, nx = shape
+    science = np.empty(shape, dtype=np.float32)
+    variance = np.empty(shape, dtype=np.float32)
+    count = np.empty(shape, dtype=np.int16)
+    for r0 in range(0, ny, max(int(chunk_rows), 1)):
+        rows = slice(r0, r0 + max(int(chunk_rows), 1))
+        data = np.stack([f.science[rows] for f in frames]).astype(np.float64)
+        var = np.stack([f.variance[rows] for f in frames]).astype(np.float64)
+        dnu = np.stack([(f.quality[rows] & DQ.DO_NOT_USE) != 0 for f in frames])
+        valid = np.isfinite(data) & ~dnu
+        if clip_sigma is not None:
+            valid = _clip_chunk(data, var, valid, float(clip_sigma))
+        used = valid.sum(axis=0)
+        total = np.where(valid, data, 0.0).sum(axis=0)
+        vtot = np.where(valid & np.isfinite(var), var, 0.0).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if meth == "MEAN":
+                s, v = total / used, vtot / used**2
+            elif meth == "COADD":
+                s, v = total.copy(), vtot.copy()
+            else:  # MEANANDSCALE
+                s, v = n * total / used, n**2 * vtot / used**2
+        s[used == 0] = np.nan
+        v[used == 0] = np.nan
+        science[rows], variance[rows], count[rows] = s, v, used
+    if not np.isfinite(science).any():
+        raise StageError(f"stacking: the {meth} stack of {n} frames has no finite pixel",
+                         exit_code=ExitCode.STACKING_FAILED)
+    quality = np.zeros(shape, dtype=np.uint32)
+    quality[count == 0] = np.uint32(DQ.DO_NOT_USE | DQ.NO_OVERLAP)
+    hdr = frames[0].header.copy()
+    hdr["L1STK"] = (1, "frames stacked (1 = yes)")
+    hdr["STKMETH"] = (meth, "stacking method")
+    hdr["STKNFRM"] = (n, "number of frames stacked")
+    hdr["STKCLIP"] = (float(clip_sigma) if clip_sigma is not None else 0.0,
+                      "sigma clip of the stack (0 = none)")
+    gains = gain_keywords(hdr["ASICGAIN"]) if "ASICGAIN" in hdr else gain_keywords(None)
+    if gains is not None:
+        mult = n if meth == "MEAN" else 1
+        for key, g in gains.items():
+            hdr[key] = (g * mult, "[e-/ADU] from ASICGAIN" + (f" x {n} frames" if mult > 1 else ""))
+    if meth in ("COADD", "MEANANDSCALE"):
+        if "EXPTIME" in hdr:
+            hdr["EXPTIME"] = (float(hdr["EXPTIME"]) * n, f"[s] exposure time x {n} frames")
+        hdr["NCOADDS"] = (n, "number of frames coadded")
+    log.info("stacked %d frames (%s): %.1f %% of pixels from all frames", n, meth,
+             100.0 * float(np.mean(count == n)))
+    result = Frame(science=science, variance=variance, quality=quality, header=hdr)
+    return StackResult(frame=result, exposure_map=count, n_frames=n)
