@@ -157,27 +157,31 @@ def level_offset(frame_i, frame_j, *, sigma: float, max_pixels: int = _N_SUBSAMP
     if a.shape != b.shape:
         raise StageError(f"level_offset: shapes {a.shape} and {b.shape} differ",
                          exit_code=ExitCode.DATA_SHAPE_MISMATCH)
-    idx = _subsample_index(a.shape, 4 * max_pixels, seed)
+    idx = _subsample_index(a.shape, max_pixels, seed)
     diff = a.reshape(-1)[idx].astype(np.float64) - b.reshape(-1)[idx]
-    diff = diff[np.isfinite(diff)][:max_pixels]
+    # NaNs are dropped, never the tail of the (sorted, i.e. spatially ordered)
+    # subsample: truncating it would keep only the top rows of the frame.
+    diff = diff[np.isfinite(diff)]
     return _clip_stats(diff, sigma, what="one pair")[0]
 
 
 def _pair_offsets(stack: np.ndarray, sigma: float, seed: int = 0):
     """Clipped mean and rms of ``stack[i] - stack[j]`` for every pair, on one subsample.
 
-    Draws 4x the target subsample so that enough finite pairs survive NaNs.
-    Returns ``(offsets, rms)``, both (n, n) float64, offsets antisymmetric.
+    The subsample is spread uniformly over the frame; pixels that are NaN in
+    either frame are dropped (never the tail of the subsample, which is in
+    row order).  Returns ``(offsets, rms)``, both (n, n) float64, offsets
+    antisymmetric.
     """
     n = stack.shape[0]
-    idx = _subsample_index(stack.shape[1:], 4 * _N_SUBSAMPLE, seed)
+    idx = _subsample_index(stack.shape[1:], 2 * _N_SUBSAMPLE, seed)
     sub = stack.reshape(n, -1)[:, idx].astype(np.float64)  # (n, m) small
     off = np.zeros((n, n))
     rms = np.zeros((n, n))
     for i in range(n):
         for j in range(i + 1, n):
             d = sub[i] - sub[j]
-            d = d[np.isfinite(d)][:_N_SUBSAMPLE]
+            d = d[np.isfinite(d)]
             m, s = _clip_stats(d, sigma, what=f"frames {i} and {j}")
             off[i, j], off[j, i] = m, -m
             rms[i, j] = rms[j, i] = s
