@@ -106,7 +106,7 @@ def test_masks_make_bad_pixels_nan_and_flag_them():
     product = frame.science * _masks()["FLAT"] * _masks()["LIN"]
     np.testing.assert_array_equal(out.science, product)
     assert np.count_nonzero(out.quality) == 2
-    assert out.header["L1BADPX"] == 1 and out.header["L1BADPXL"] == "FLAT,LIN"
+    assert out.header["L1BADPX"] == 1 and out.header["L1BADPXW"] == "FLAT,LIN"
 
 
 def test_no_masks_changes_no_data():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +48,22 @@ def _require(path: Path | None, what: str, code: ExitCode) -> Path:
     return Path(path)
 
 
+_SHAPE_CODES = {"linearity coefficients": ExitCode.LINEARITY_SHAPE_MISMATCH, "flat": ExitCode.FLAT_SHAPE_MISMATCH}
+
+
 def _same_shape(arrays) -> None:
-    shapes = {(what, a.shape[-2:]) for what, a, _ in arrays}
-    if len({s for _, s in shapes}) > 1:
-        listing = "; ".join(f"{what} {shape} ({p})" for what, a, p in arrays for shape in [a.shape[-2:]])
-        code = {"linearity coefficients": ExitCode.LINEARITY_SHAPE_MISMATCH,
-                "flat": ExitCode.FLAT_SHAPE_MISMATCH}.get(arrays[-1][0], ExitCode.MASK_SHAPE_MISMATCH)
-        raise IoiError(f"calibration files disagree in shape: {listing}", exit_code=code)
+    """All calibration arrays must share one (ny, nx); the odd one out gets its
+    own exit code (linearity 23, flat 24, mask 26)."""
+    shapes = [a.shape[-2:] for _, a, _ in arrays]
+    if len(set(shapes)) <= 1:
+        return
+    counts = Counter(shapes)
+    # the majority shape is taken as right; on a tie, the first file's shape
+    majority = max(counts, key=lambda s: (counts[s], -shapes.index(s)))
+    what, arr, path = next(item for item, s in zip(arrays, shapes) if s != majority)
+    others = ", ".join(f"{w} {Path(p).name}" for (w, _, p), s in zip(arrays, shapes) if s == majority)
+    raise IoiError(f"{what} file {path} has shape {arr.shape[-2:]}, but {others} have {majority}",
+                   exit_code=_SHAPE_CODES.get(what, ExitCode.MASK_SHAPE_MISMATCH))
 
 
 def effective_settings(pipe: PipelineConfig, paths: PathsConfig) -> PipelineConfig:

@@ -404,7 +404,8 @@ def write_report(out_dir: Path, multrun: Multrun, result: ReductionResult, *, fr
         if transforms is not None:
             t = transforms[i]
             entry["registration"] = {"dx": float(t.dx), "dy": float(t.dy), "rotation_deg": float(t.rotation_deg),
-                                     "scale": float(t.scale), "n_matched": int(t.n_matched), "rms_px": float(t.rms_px)}
+                                     "scale": float(t.scale), "n_matched": int(t.n_matched), "rms_px": float(t.rms_px),
+                                     "matrix_ref_to_frame": np.asarray(t.matrix, dtype=float).tolist()}
         dithers.append(entry)
     report = {
         "multrun": multrun.name,

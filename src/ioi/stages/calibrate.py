@@ -109,7 +109,8 @@ def apply_bad_pixel_masks(frame: Frame, masks: Mapping) -> Frame:
     -------
     Frame
         Bad pixels: science and variance NaN, quality MASKED | DO_NOT_USE.
-        Header L1BADPX = 1 and L1BADPXL = the mask names joined by commas.
+        Header L1BADPX = 1 and L1BADPXW = the mask names joined by commas (L1BADPXF/L1BADPXL,
+        the mask file names, are the pipeline's to write).
 
     Raises
     ------
@@ -125,6 +126,6 @@ def apply_bad_pixel_masks(frame: Frame, masks: Mapping) -> Frame:
     quality[bad] |= np.uint32(DQ.MASKED | DQ.DO_NOT_USE)
     header = frame.header.copy()
     header["L1BADPX"] = (int(bool(masks)), "Bad-pixel masks applied")
-    header["L1BADPXL"] = (",".join(str(k) for k in masks), "Bad-pixel masks used")
+    header["L1BADPXW"] = (",".join(str(k) for k in masks), "Bad-pixel masks used")
     log.debug("bad-pixel masks %s: %d pixel(s) masked", ",".join(map(str, masks)), int(bad.sum()))
     return frame.replace(science=science, variance=variance, quality=quality, header=header)

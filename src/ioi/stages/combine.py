@@ -265,15 +265,17 @@ def _fowler_reads(ramp: Ramp, pairs: int) -> tuple[list[int], list[int]]:
     index = np.asarray(ramp.index)
     n_ped = int(np.count_nonzero(group == 1))
     n_sig = int(np.count_nonzero(group == 2))
+    names = ", ".join(map(str, ramp.names)) or "no file names"
     if ramp.nreads < 2 * pairs:
         raise StageError(
-            f"Fowler-{pairs} needs {2 * pairs} reads, found {ramp.nreads} "
-            f"({n_ped} pedestal, {n_sig} signal)",
+            f"[frame_combination] fowler_pairs={pairs} (Fowler-{pairs}) needs {2 * pairs} reads, found "
+            f"{ramp.nreads} ({n_ped} pedestal, {n_sig} signal: {names})",
             exit_code=ExitCode.TOO_FEW_FILES_FOWLER,
         )
     if n_ped != n_sig:
         raise StageError(
-            f"Fowler-{pairs}: {n_ped} pedestal reads (SEQNUM_M=1) but {n_sig} signal reads (SEQNUM_M=2)",
+            f"Fowler-{pairs}: {n_ped} pedestal reads (SEQNUM_M=1) but {n_sig} signal reads (SEQNUM_M=2) "
+            f"({names})",
             exit_code=ExitCode.UNEQUAL_FOWLER_READS,
         )
     ped, sig = [], []
@@ -282,7 +284,8 @@ def _fowler_reads(ramp: Ramp, pairs: int) -> tuple[list[int], list[int]]:
             where = np.flatnonzero((group == grp) & (index == k))
             if where.size != 1:
                 raise StageError(
-                    f"Fowler-{pairs}: found {where.size} reads with SEQNUM_M={grp}, SEQNUM_N={k} (need 1)",
+                    f"Fowler-{pairs}: found {where.size} reads with SEQNUM_M={grp}, SEQNUM_N={k} (need 1; "
+                    f"{names})",
                     exit_code=ExitCode.TOO_FEW_FILES_FOWLER,
                 )
             out.append(int(where[0]))
