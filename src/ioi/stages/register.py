@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 
 from ioi.errors import ConfigError, ExitCode, IoiError, StageError
 from ioi.frame import DQ, Frame
+from ioi.stages.sky import fill_nan_box_mean
 
 log = logging.getLogger(__name__)
 
@@ -308,40 +309,52 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     Returns
     -------
     Frame
-        New frame.  NaN input pixels are filled with 0 and a weight carried
-        through the same interpolation (science = R(data)/R(weight)); pixels whose
-        centre maps outside the input get NaN and DQ NO_OVERLAP|DO_NOT_USE.
+        New frame.  Bad (NaN or DO_NOT_USE) input pixels are filled with the
+        mean of their good neighbours before the science is interpolated;
+        output pixels where the linearly resampled bad mask exceeds
+        ``bad_threshold`` are NaN; pixels whose centre maps outside the input
+        get NaN and DQ NO_OVERLAP|DO_NOT_USE.
     """
     ny, nx = frame.shape
     mat, off = _pullback(transform)
     bad = ~np.isfinite(frame.science) | ((frame.quality & DQ.DO_NOT_USE) != 0)
-    good = (~bad).astype(np.float64)
-    sci0 = np.where(bad, 0.0, frame.science.astype(np.float64))
-    var0 = np.where(bad | ~np.isfinite(frame.variance), 0.0, frame.variance.astype(np.float64))
+    science_in = np.asarray(frame.science, dtype=np.float32)
+    if bad.any():
+        # Bad pixels take the mean of their good neighbours before the spline
+        # sees them (one cubic warp instead of two with a weight plane); the
+        # output pixels they influence beyond bad_threshold are NaN anyway.
+        science_in = fill_nan_box_mean(np.where(bad, np.float32(np.nan), science_in), box=5, max_passes=1)
+        science_in = np.where(np.isfinite(science_in), science_in, np.float32(0.0))
+    var0 = np.where(bad | ~np.isfinite(frame.variance), np.float32(0.0), frame.variance).astype(np.float32)
+    shift_only = bool(np.allclose(mat, np.eye(2), rtol=0, atol=1e-12))
 
-    def warp(a, k):
+    def warp(a, k, dtype=np.float32):
+        # ndimage.shift is ~1.4x faster than affine_transform for a pure translation
+        if shift_only:
+            return ndimage.shift(a, -off, order=k, mode="nearest", prefilter=k > 1, output=dtype)
         return ndimage.affine_transform(a, mat, offset=off, output_shape=(ny, nx), order=k,
-                                        mode="nearest", prefilter=k > 1)
+                                        mode="nearest", prefilter=k > 1, output=dtype)
 
-    w3 = warp(good, order)
-    badmask = warp(100.0 * bad, 1)
-    w1 = 1.0 - badmask / 100.0  # linear interpolation is linear: no second warp needed
+    science = warp(science_in, order)
+    badmask = warp(np.where(bad, np.float32(100.0), np.float32(0.0)), 1)
+    w1 = 1.0 - badmask / np.float32(100.0)  # linear interpolation of the good-pixel weight
     with np.errstate(invalid="ignore", divide="ignore"):
-        science = warp(sci0, order) / w3
         variance = warp(var0, 1) / w1
-    quality = warp(frame.quality.astype(np.float64), 0).astype(np.uint32)
+    quality = warp(np.asarray(frame.quality, dtype=np.uint32), 0, np.uint32)
     quality &= ~np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
-    # Where each output pixel centre lands in the input.
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    xin = transform.matrix[0, 0] * xx + transform.matrix[0, 1] * yy + transform.matrix[0, 2]
-    yin = transform.matrix[1, 0] * xx + transform.matrix[1, 1] * yy + transform.matrix[1, 2]
+    # Where each output pixel centre lands in the input (broadcast, no full grids).
+    xx = np.arange(nx, dtype=np.float64)[None, :]
+    yy = np.arange(ny, dtype=np.float64)[:, None]
+    m = transform.matrix
+    xin = m[0, 0] * xx + m[0, 1] * yy + m[0, 2]
+    yin = m[1, 0] * xx + m[1, 1] * yy + m[1, 2]
     nooverlap = (xin < -0.5) | (xin > nx - 0.5) | (yin < -0.5) | (yin > ny - 0.5)
-    masked = ~nooverlap & ((badmask > bad_threshold) | ~(np.abs(w3) > 1e-3) | ~(w1 > 1e-6))
+    masked = ~nooverlap & ((badmask > bad_threshold) | ~(w1 > 1e-6))
     science[masked | nooverlap] = np.nan
     variance[masked | nooverlap] = np.nan
     quality[masked] |= np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
     quality[nooverlap] = np.uint32(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
-    return frame.replace(science=science.astype(np.float32), variance=variance.astype(np.float32),
+    return frame.replace(science=science, variance=variance.astype(np.float32, copy=False),
                          quality=quality, header=frame.header.copy())
 
 

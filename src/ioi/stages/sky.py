@@ -50,6 +50,7 @@ _VARIANCE_FACTOR = {"MEDIAN": math.pi / 2, "TUKEY": 1 / 0.95, "HUBER": 1 / 0.95}
 _IRLS_TOL = 1e-2  # 0.01 sigma: far below the estimate's own error (~0.4 sigma for 8 frames)
 #: Pixels drawn for the level-offset clipping (FIELD_NOTES: a subsample suffices).
 _N_SUBSAMPLE = 20000
+_FIRST_PASS_BINNING = 2  # block size of the two-pass mode's first (source-finding) sky
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -457,36 +458,65 @@ def _sky_variances(var_stack: np.ndarray, valid: np.ndarray, *, peers_only: bool
     return out
 
 
-def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int) -> np.ndarray:
-    """Pixels of sources found by sep at ``sigma`` x background rms, dilated by ``dilate`` px."""
+def _bin_stack(stack: np.ndarray, b: int) -> np.ndarray:
+    """NaN-aware b x b block means of a (n, ny, nx) stack (edges padded with NaN)."""
+    n, ny, nx = stack.shape
+    by, bx = -(-ny // b), -(-nx // b)
+    padded = np.full((n, by * b, bx * b), np.nan, dtype=np.float32)
+    padded[:, :ny, :nx] = stack
+    blocks = padded.reshape(n, by, b, bx, b)
+    good = np.isfinite(blocks)
+    count = good.sum(axis=(2, 4))
+    total = np.where(good, blocks, np.float32(0.0)).sum(axis=(2, 4), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count).astype(np.float32)
+
+
+def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning: int = 1,
+                        shape=None) -> np.ndarray:
+    """Pixels of sources found by sep at ``sigma`` x background rms, dilated by ``dilate`` px.
+
+    ``image`` may be a ``binning`` x ``binning`` block-averaged frame: the
+    sources worth masking are several pixels wide, a binned image has
+    ``binning``^2 fewer pixels to segment (sep's cost), and the mask is
+    expanded back to the full-resolution ``shape``.  NaN pixels are ignored.
+    """
     import sep  # deferred: only the two-pass mode needs it
 
+    b = max(1, int(binning))
     data = np.ascontiguousarray(image, dtype=np.float32).copy()
     bad = ~np.isfinite(data)
     data[bad] = 0.0
+    full_shape = tuple(shape) if shape is not None else data.shape
     if bad.all():
-        return np.zeros(data.shape, dtype=bool)
+        return np.zeros(full_shape, dtype=bool)
     bkg = sep.Background(data, mask=bad)
     sub = data - bkg.back()
     sub[bad] = 0.0
     old = sep.get_extract_pixstack()
     sep.set_extract_pixstack(max(old, data.size))
     try:
-        _, seg = sep.extract(sub, sigma, err=bkg.globalrms, mask=bad, minarea=5,
+        # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
+        # surface-brightness limit of a full-resolution detection at ``sigma``
+        _, seg = sep.extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
                              segmentation_map=True)
     finally:
         sep.set_extract_pixstack(old)
     mask = seg > 0
-    if dilate > 0:
+    grow = int(dilate) // b  # dilation in binned pixels (the blocks add up to b - 1 more)
+    if grow > 0:
         # A square maximum filter is separable, hence much faster than
         # binary_dilation with a disc on a full frame.
-        mask = ndimage.maximum_filter(mask, size=2 * int(dilate) + 1)
-    return mask
+        mask = ndimage.maximum_filter(mask, size=2 * grow + 1)
+    if b > 1:
+        mask = np.repeat(np.repeat(mask, b, axis=0), b, axis=1)[:full_shape[0], :full_shape[1]]
+    return np.ascontiguousarray(mask)
 
 
 def _sky_pass(stack, var_stack, *, peers_only, alg, bg_sigma_clip, max_iterations,
-              max_unsolved_percentage, notes):
-    """Raw skies (before filling), their variances, offsets, levels and unsolved fractions."""
+              max_unsolved_percentage, notes, with_variance=True):
+    """Raw skies (before filling), their variances (None unless ``with_variance``),
+    offsets, levels and unsolved fractions."""
     n = stack.shape[0]
     off, rms = _pair_offsets(stack, bg_sigma_clip)
     levels = _levels_from_offsets(off)
@@ -505,8 +535,10 @@ def _sky_pass(stack, var_stack, *, peers_only, alg, bg_sigma_clip, max_iteration
                 notes.append(f"frame {i}: {uns.sum()} pixels did not converge ({alg}); set NaN")
             unsolved[i] = uns.mean()
             skies.append(sky)
-    variances = _sky_variances(var_stack, np.isfinite(stack), peers_only=peers_only,
-                               factor=_VARIANCE_FACTOR[alg])
+    variances = None
+    if with_variance:
+        variances = _sky_variances(var_stack, np.isfinite(stack), peers_only=peers_only,
+                                   factor=_VARIANCE_FACTOR[alg])
     return skies, variances, off, levels, unsolved
 
 
@@ -566,23 +598,28 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
     kw = dict(peers_only=peers_only, alg=alg, bg_sigma_clip=bg_sigma_clip,
               max_iterations=max_iterations, max_unsolved_percentage=max_unsolved_percentage,
               notes=notes)
-    skies, sky_vars, off, levels, unsolved = _sky_pass(stack, var_stack, **kw)
     masks = None
-    if mask_sources:
-        masks = []
-        for i in range(n):
-            first = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes)
-            masks.append(_detect_source_mask(stack[i] - first, sigma=source_sigma,
-                                             dilate=mask_dilate))
+    if not mask_sources:
+        skies, sky_vars, off, levels, unsolved = _sky_pass(stack, var_stack, **kw)
+    else:
+        # First pass on 2x2 block means: its sky only serves to find the
+        # sources to mask, which are several pixels wide (4x fewer pixels to
+        # combine and to segment).
+        b = _FIRST_PASS_BINNING
+        small = _bin_stack(stack, b)
+        first, _, _, _, _ = _sky_pass(small, None, with_variance=False, **kw)
+        masks = [_detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
+                                     binning=b, shape=shape) for i in range(n)]
         masked = stack.copy()
         masked[np.stack(masks)] = np.nan
-        skies2, vars2, off, levels, unsolved = _sky_pass(masked, var_stack, **kw)
+        skies, sky_vars, off, levels, unsolved = _sky_pass(masked, var_stack, **kw)
         for i in range(n):
-            # Where every contributing frame is masked keep the first-pass sky.
-            hole = ~np.isfinite(skies2[i])
-            skies2[i][hole] = skies[i][hole]
-            vars2[i][hole] = sky_vars[i][hole]
-        skies, sky_vars = skies2, vars2
+            # Where every contributing frame is masked keep the first-pass sky
+            # (its variance, NaN there, is filled from the neighbours below).
+            hole = ~np.isfinite(skies[i])
+            if hole.any():
+                coarse = np.repeat(np.repeat(first[i], b, axis=0), b, axis=1)[:shape[0], :shape[1]]
+                skies[i][hole] = coarse[hole]
         log.info("sky: second pass with %s source pixels masked",
                  ", ".join(f"{m.mean():.1%}" for m in masks))
     out_frames, out_skies = [], []
