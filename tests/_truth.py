@@ -9,7 +9,6 @@ import numpy as np
 import sep
 from astropy.io import fits
 from astropy.table import Table
-from scipy import ndimage
 
 
 def truth(sim_dir) -> dict:
@@ -22,18 +21,19 @@ def stars(sim_dir, dither=None) -> Table:
 
 
 def star_mask(sim_dir, dither, shape, *, radius=18) -> np.ndarray:
-    """True near any catalogue star on (or near) the chip of ``dither`` (stripped pixels)."""
+    """True within ``radius`` px of any catalogue star of ``dither`` (stripped pixels)."""
     t = stars(sim_dir, dither)
     ny, nx = shape
     x = np.round(np.asarray(t["x"])).astype(int)
     y = np.round(np.asarray(t["y"])).astype(int)
     keep = (x > -radius) & (x < nx + radius) & (y > -radius) & (y < ny + radius)
-    pts = np.zeros((ny + 2 * radius, nx + 2 * radius), bool)
-    pts[y[keep] + radius, x[keep] + radius] = True
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    disk = xx**2 + yy**2 <= radius**2
-    grown = ndimage.binary_dilation(pts, structure=disk)
-    return grown[radius:-radius, radius:-radius]
+    dy, dx = np.nonzero(np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius)
+    yy = (y[keep][:, None] + dy[None, :] - radius).ravel()
+    xx = (x[keep][:, None] + dx[None, :] - radius).ravel()
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    mask = np.zeros(shape, bool)
+    mask[yy[inside], xx[inside]] = True
+    return mask
 
 
 def read_ext(path, ext) -> tuple[np.ndarray, fits.Header]:
