@@ -145,6 +145,32 @@ def aperture_photometry(image, variance, x, y, *, radius=22.0, annulus=(30.0, 45
     data = np.ascontiguousarray(np.nan_to_num(image, nan=0.0), dtype=np.float64)
     var = np.ascontiguousarray(np.nan_to_num(variance, nan=0.0), dtype=np.float64)
     bad = np.ascontiguousarray(~np.isfinite(image))
-    flux, err, flag = sep.sum_circle(data, np.asarray(x, float), np.asarray(y, float), radius, var=var, mask=bad,
-                                     bkgann=annulus, subpix=5)
-    return np.asarray(flux), np.asarray(err), (flag & sep.APER_HASMASKED) != 0
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    flux, err, flag = sep.sum_circle(data, x, y, radius, var=var, mask=bad, bkgann=annulus, subpix=5)
+    # the error of the annulus mean, scaled to the aperture area (not in sep's err)
+    ones = np.ascontiguousarray(np.isfinite(image), dtype=np.float64)
+    ann_var, _, _ = sep.sum_circann(var, x, y, annulus[0], annulus[1], mask=bad, subpix=5)
+    ann_n, _, _ = sep.sum_circann(ones, x, y, annulus[0], annulus[1], mask=bad, subpix=5)
+    area = np.pi * radius**2
+    err = np.sqrt(np.asarray(err) ** 2 + area**2 * np.asarray(ann_var) / np.maximum(np.asarray(ann_n), 1.0) ** 2)
+    return np.asarray(flux), err, (flag & sep.APER_HASMASKED) != 0
+
+
+def blank_positions(sim_dir, shape, *, n=300, clearance=60.0, edge=50, seed=0):
+    """Random (x, y) in the reference frame at least ``clearance`` px from any catalogue star."""
+    ref = stars(sim_dir)
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(edge, shape[1] - edge, 20 * n)
+    y = rng.uniform(edge, shape[0] - edge, 20 * n)
+    sx, sy = np.asarray(ref["x_ref"]), np.asarray(ref["y_ref"])
+    far = np.ones(x.size, bool)
+    for k in range(0, x.size, 500):  # chunks keep the distance matrix small
+        d2 = (x[k:k + 500, None] - sx[None, :]) ** 2 + (y[k:k + 500, None] - sy[None, :]) ** 2
+        far[k:k + 500] = (d2 > clearance**2).all(axis=1)
+    return x[far][:n], y[far][:n]
+
+
+def robust_std(v) -> float:
+    v = np.asarray(v, float)
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))

@@ -388,3 +388,27 @@ def test_combine_does_not_change_input(method):
     np.testing.assert_array_equal(ramp.quality, snap[2])
     assert ramp.header == snap[3]
     np.testing.assert_array_equal(coeff, snap[4])
+
+
+@pytest.mark.parametrize("method", ["CDS", "FOWLER"])
+def test_row_chunks_give_the_whole_frame_result(method):
+    """combine_reads works in row chunks (threads); the result equals one whole-frame call."""
+    shape = (40, 24)
+    rate = _rate(shape, 50, 3000)
+    coeff = _linearity(shape)
+    if method == "FOWLER":
+        t, g, i = fowler_layout(2, frmtime=FRMTIME, gap=6.0)
+        ramp, _ = make_ramp(rate, t, group=g, index=i, coefficients=coeff, rng=np.random.default_rng(3),
+                            gain=GAIN, read_noise=RN)
+    else:
+        ramp, _ = make_ramp(rate, _utr_times(3), coefficients=coeff, rng=np.random.default_rng(3), gain=GAIN,
+                            read_noise=RN)
+    sat = np.zeros(ramp.reads.shape, bool)
+    sat[-1, 5:9, 3] = True
+    ramp = ramp.replace(saturated=sat)
+    whole = combine_reads(ramp, method=method, pairs=2, gain=GAIN, read_noise=RN, linearity=coeff, chunk_rows=1000)
+    chunked = combine_reads(ramp, method=method, pairs=2, gain=GAIN, read_noise=RN, linearity=coeff, chunk_rows=7)
+    np.testing.assert_array_equal(chunked.science, whole.science)
+    np.testing.assert_array_equal(chunked.variance, whole.variance)
+    np.testing.assert_array_equal(chunked.quality, whole.quality)
+    assert chunked.header == whole.header

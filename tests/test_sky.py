@@ -222,3 +222,26 @@ def test_level_offset_samples_the_whole_frame():
     # the clipped mean of a gradient +-60 ADU plus noise: 3-sigma clipping trims
     # symmetric tails only, so the mean difference (50) stays; noise ~ 0.5 ADU
     assert abs(off - 50.0) < 2.0
+
+
+@pytest.mark.parametrize("box", [3, 4, 5])
+def test_sparse_fill_equals_one_full_frame_pass(box):
+    """The gather path for sparse NaNs (< 5 %) gives the uniform_filter result of one pass."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(100, 5, (120, 90)).astype(np.float32)
+    ys, xs = rng.integers(0, 120, 60), rng.integers(0, 90, 60)
+    img[ys, xs] = np.nan
+    img[0, 0] = img[0, 1] = img[1, 0] = img[1, 1] = np.nan  # a corner cluster
+    assert (~np.isfinite(img)).mean() < 0.01
+    got = S.fill_nan_box_mean(img, box=box, max_passes=1)
+    bad = ~np.isfinite(img)
+    vals = np.where(bad, 0.0, img.astype(np.float64))
+    s = ndimage.uniform_filter(vals, size=box, mode="constant")
+    c = ndimage.uniform_filter((~bad).astype(np.float64), size=box, mode="constant")
+    expected = img.copy()
+    fill = bad & (c > 1e-9)
+    expected[fill] = (s[fill] / c[fill]).astype(np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(got[~bad], img[~bad])

@@ -62,7 +62,7 @@ class _Run:
 
     def __init__(self, result: ReductionResult):
         self.result = result
-        self.keywords = fits.Header()
+        self.t_start = time.perf_counter()
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -269,7 +269,6 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     result = ReductionResult(multrun=multrun.name)
     run = _Run(result)
     cal = calibration if calibration is not None else load_calibration(pipe, paths, flip=flip)
-    t_start = time.perf_counter()
     frames: list[Frame] = []
     try:
         for i, seq in enumerate(multrun.dithers):
@@ -282,7 +281,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     except _Quit as q:
         result.stopped_after = q.stage
         log.info("stopping after %s (quit = 1)", q.stage)
-    result.stage_seconds["total"] = time.perf_counter() - t_start
+    result.stage_seconds["total"] = time.perf_counter() - run.t_start
     return result
 
 
@@ -299,7 +298,8 @@ def _finish(multrun: Multrun, frames, pipe: PipelineConfig, cal: Calibration, ru
             sky_result = sky.subtract_sky(
                 frames, peers_only=sp.peers_only, algorithm=sp.make_algorithm, bg_sigma_clip=sp.bg_sigma_clip,
                 smoothing_box_size=sp.smoothing_box_size, max_iterations=sp.max_robust_iterations,
-                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources)
+                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources,
+                keep_skies=False)
         ss = list(sky_result.frames)
         log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
                  sp.peers_only, sp.mask_sources)
@@ -367,6 +367,7 @@ def _finish(multrun: Multrun, frames, pipe: PipelineConfig, cal: Calibration, ru
             p = fitsio.write_product(out_dir / multrun.l2_name(), primary, extensions, overwrite=True,
                                      extra_hdus=[exposure])
             run.result.l2_product = p
+    run.result.stage_seconds["total"] = time.perf_counter() - run.t_start
     run.result.report = write_report(out_dir, multrun, run.result, frames=nonss, sky_frames=ss,
                                      transforms=transforms, stacked=stacked)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import bottleneck as bn
 import numpy as np
@@ -563,9 +565,43 @@ def _fit_segments(y, valid, jumps, t):
 # --------------------------------------------------------------------------- dispatcher
 
 
+def _in_row_chunks(combine, ramp: Ramp, linearity, *, chunk_rows: int, **kwargs) -> Frame:
+    """Run a per-pixel combination on row chunks of the ramp and assemble the frame.
+
+    Every CDS/Fowler operation is per pixel, so chunks give the same result
+    as the whole frame while the float64 temporaries stay a chunk in size;
+    numpy releases the GIL in those operations, so chunks run on the
+    machine's cores.  Checks that concern the whole ramp (read counts) run on
+    the first chunk, before any other.
+    """
+    ny = ramp.reads.shape[1]
+    if ny <= chunk_rows:
+        return combine(ramp, linearity=linearity, **kwargs)
+
+    def part(r0):
+        rows = slice(r0, r0 + chunk_rows)
+        sub = ramp.replace(reads=ramp.reads[:, rows], quality=ramp.quality[rows],
+                           saturated=None if ramp.saturated is None else ramp.saturated[:, rows])
+        return combine(sub, linearity=None if linearity is None else linearity[:, rows], **kwargs)
+
+    first = part(0)  # raises the read-count errors once
+    starts = range(chunk_rows, ny, chunk_rows)
+    workers = min(os.cpu_count() or 1, len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            rest = list(pool.map(part, starts))
+    else:
+        rest = [part(r0) for r0 in starts]
+    parts = [first] + rest
+    return first.replace(science=np.concatenate([p.science for p in parts]),
+                         variance=np.concatenate([p.variance for p in parts]),
+                         quality=np.concatenate([p.quality for p in parts]))
+
+
 def combine_reads(
     ramp: Ramp, *, method: str, pairs: int | None = None, bodge: float = 0.0, gain: float,
     read_noise: float, linearity=None, jump_sigma: float = 5.0, linearity_form: str = "DIFFERENCE",
+    chunk_rows: int = 256,
 ) -> Frame:
     """Combine a ramp with ``method`` CDS, FOWLER or UTR (case-insensitive).
 
@@ -577,13 +613,13 @@ def combine_reads(
     """
     name = str(method).strip().upper()
     if name == "CDS":
-        return combine_cds(ramp, gain=gain, read_noise=read_noise, linearity=linearity,
-                           linearity_form=linearity_form)
+        return _in_row_chunks(combine_cds, ramp, linearity, chunk_rows=chunk_rows, gain=gain,
+                              read_noise=read_noise, linearity_form=linearity_form)
     if name == "FOWLER":
         if pairs is None:
             raise ConfigError("[frame_combination] fowler_pairs is needed for method FOWLER")
-        return combine_fowler(ramp, pairs=pairs, bodge=bodge, gain=gain, read_noise=read_noise,
-                              linearity=linearity, linearity_form=linearity_form)
+        return _in_row_chunks(combine_fowler, ramp, linearity, chunk_rows=chunk_rows, pairs=pairs, bodge=bodge,
+                              gain=gain, read_noise=read_noise, linearity_form=linearity_form)
     if name == "UTR":
         return fit_ramp(ramp, gain=gain, read_noise=read_noise, jump_sigma=jump_sigma, linearity=linearity)
     raise ConfigError(

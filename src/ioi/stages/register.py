@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -376,8 +378,11 @@ def _reg_header(hdr, geo, t: Transform, order, bad_threshold):
 
 def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY",
                     bad_threshold: float = 20.0, bad_regions=(), min_matches: int = 4,
-                    order: int = 3, thresh: float = 5.0, minarea: int = 5):
+                    order: int = 3, thresh: float = 5.0, minarea: int = 5, threads: int | None = None):
     """Register frames onto the first (the reference) and resample them onto its grid.
+
+    ``threads``: frames resampled at once (default: the machine's cores); the
+    result does not depend on it.
 
     Parameters
     ----------
@@ -429,6 +434,8 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
     ident = dataclasses.replace(ident, n_matched=len(ref_xy))
     out = [frames[0].replace(header=_reg_header(frames[0].header, geo, ident, order, bad_threshold))]
     transforms = [ident]
+    # Transforms first (sep holds the GIL), then the resampling on threads:
+    # scipy.ndimage's interpolation releases the GIL, so frames resample in parallel.
     for k, f in enumerate(frames[1:], start=1):
         xy = sources(f)
         if len(xy) < min_matches:
@@ -442,7 +449,17 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
         t = fit_transform(ref_xy[ri], xy[i], geometry=geo)
         log.info("frame %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f n=%d rms=%.3f px",
                  k, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
-        res = resample_frame(f, t, bad_threshold=bad_threshold, order=order)
-        out.append(res.replace(header=_reg_header(f.header, geo, t, order, bad_threshold)))
         transforms.append(t)
+
+    def resample(k):
+        f, t = frames[k], transforms[k]
+        res = resample_frame(f, t, bad_threshold=bad_threshold, order=order)
+        return res.replace(header=_reg_header(f.header, geo, t, order, bad_threshold))
+
+    workers = max(1, min(threads if threads else (os.cpu_count() or 1), len(frames) - 1))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            out.extend(pool.map(resample, range(1, len(frames))))
+    else:
+        out.extend(resample(k) for k in range(1, len(frames)))
     return out, transforms
