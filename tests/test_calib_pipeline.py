@@ -136,3 +136,19 @@ def test_flat_from_l1_products_is_used_by_reduce(built):
     rms_before, rms_after = pixel_scale_rms(before), pixel_scale_rms(sci)
     assert rms_before > 1.2 * noise  # the flat's pixel structure is there before
     assert rms_after < noise * np.sqrt(1 + 1 / 5) * 1.1, (rms_after, noise)
+
+
+def test_linearity_and_flat_masks_flag_the_simulated_bad_pixels(built):
+    """Union of the two tools' 1/NaN masks against the simulator's bad-pixel truth
+    (hot, dead, low response, bad linearity): >= 95 % flagged, < 0.1 % of good ones."""
+    sim, root, cal = built
+    lin_bad = ~np.isfinite(fits.getdata(cal / "nonlinearity_corrections" / "lin_bad.fits"))
+    flat_path = cal / "flatfielding" / "flat_bad.fits"
+    if not flat_path.exists():  # built by the flat test; build it here when run alone
+        test_flat_from_l1_products_is_used_by_reduce(built)
+    flat_bad = ~np.isfinite(fits.getdata(flat_path))
+    truth_bits = fits.getdata(sim.truth_dir / "badpix.fits").astype(int)
+    flagged = lin_bad | flat_bad
+    truly_bad = truth_bits > 0
+    assert flagged[truly_bad].mean() >= 0.95, flagged[truly_bad].mean()
+    assert flagged[~truly_bad].mean() < 0.001, flagged[~truly_bad].mean()

@@ -74,6 +74,8 @@ def make_flat(frames, *, low=0.35, high=2.0, sigma=10.0, from_science=False, dil
                          exit_code=ExitCode.DATA_SHAPE_MISMATCH)
     norms = np.empty(len(stack))
     normed = []
+    # pixels with no data in any input frame (NaN there: masked bad upstream)
+    no_input = np.logical_and.reduce([~np.isfinite(f) for f in stack])
     for i, f in enumerate(stack):  # loop over frames
         if from_science:
             f = np.where(source_mask(f, dilate=dilate), np.nan, f)
@@ -92,8 +94,14 @@ def make_flat(frames, *, low=0.35, high=2.0, sigma=10.0, from_science=False, dil
         flat = flat / _clipped_mean(flat, sigma)
     else:
         flat = cube.mean(axis=0, dtype=np.float64)
+    unknown = np.zeros(flat.shape, dtype=bool)
+    if from_science:
+        # covered by a source in every frame: no measurement, not a bad pixel
+        unknown = ~np.isfinite(flat) & ~no_input
+        if unknown.any():
+            log.info("flat: %d pixels under sources in every frame set to 1 (not flagged)", int(unknown.sum()))
     with np.errstate(invalid="ignore"):
-        bad = ~((flat >= low) & (flat <= high))
-    flat = np.where(bad, 1.0, flat).astype(np.float32)
+        bad = ~((flat >= low) & (flat <= high)) & ~unknown
+    flat = np.where(bad | unknown, 1.0, flat).astype(np.float32)
     log.info("flat: %d frames, %d bad pixels", len(stack), int(bad.sum()))
     return FlatResult(flat=flat, bad=bad, norms=norms)
