@@ -180,3 +180,22 @@ def test_register_frames_does_not_change_input():
         np.testing.assert_array_equal(x.variance, v)
         np.testing.assert_array_equal(x.quality, q)
         assert "L1REG" not in x.header
+
+
+def test_weighted_fit_trusts_precise_centroids():
+    """With per-star position errors, bright (precise) stars dominate the fit."""
+    rng = np.random.default_rng(17)
+    n = 200
+    ref = rng.uniform(0, 1000, (n, 2))
+    ang, s = np.radians(0.3), 1.002
+    m = np.array([[s * np.cos(ang), -s * np.sin(ang), 12.3], [s * np.sin(ang), s * np.cos(ang), -4.5]])
+    err = np.where(rng.random(n) < 0.2, 0.01, 0.5)  # 20 % bright stars, the rest faint
+    pos = ref @ m[:, :2].T + m[:, 2] + rng.normal(size=(n, 2)) * err[:, None]
+    weighted = R.fit_transform(ref, pos, geometry="RSCALE", errors=err)
+    plain = R.fit_transform(ref, pos, geometry="RSCALE")
+
+    def worst(t):
+        return np.abs(ref @ t.matrix[:, :2].T + t.matrix[:, 2] - (ref @ m[:, :2].T + m[:, 2])).max()
+
+    assert worst(weighted) < 0.01
+    assert worst(weighted) < 0.5 * worst(plain)

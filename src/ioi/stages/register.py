@@ -159,7 +159,7 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
         data[ys, xs] = 0.0
         bad[ys, xs] = True
     data[bad] = 0.0
-    dtype = [("x", "f8"), ("y", "f8"), ("flux", "f8")]
+    dtype = [("x", "f8"), ("y", "f8"), ("flux", "f8"), ("pos_err", "f8")]
     if bad.all():
         return np.zeros(0, dtype=dtype)
     bkg = sep.Background(data, mask=bad)
@@ -179,7 +179,14 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     ok &= (np.abs(x - objs["x"]) < 2.0) & (np.abs(y - objs["y"]) < 2.0)
     out = np.zeros(int(ok.sum()), dtype=dtype)
     out["x"], out["y"], out["flux"] = x[ok], y[ok], objs["flux"][ok]
+    # Centroid error per axis for a background-limited source: the PSF sigma over
+    # the S/N within an effective area 4 pi sigma^2, with a small floor.
+    snr = objs["flux"][ok] / (bkg.globalrms * np.sqrt(4.0 * np.pi) * sig[ok])
+    out["pos_err"] = np.hypot(sig[ok] / np.maximum(snr, 1e-3), _POSITION_ERROR_FLOOR)
     return out[np.argsort(-out["flux"], kind="stable")]
+
+
+_POSITION_ERROR_FLOOR = 0.01  # px: centroiding systematics beyond the noise
 
 
 def _as_xy(src) -> np.ndarray:
@@ -237,21 +244,23 @@ def match_sources(ref_xy, xy, *, geometry: str = "SHIFT", radius: float = _MATCH
     return ri, i
 
 
-def _solve(ref: np.ndarray, xy: np.ndarray, geo: str) -> np.ndarray:
+def _solve(ref: np.ndarray, xy: np.ndarray, geo: str, w: np.ndarray) -> np.ndarray:
+    """Weighted least squares (weights ``w`` per star, 1/variance of a coordinate)."""
     if geo == "SHIFT":
-        t = (xy - ref).mean(axis=0)
+        t = np.average(xy - ref, axis=0, weights=w)
         return np.array([[1.0, 0.0, t[0]], [0.0, 1.0, t[1]]])
     # Similarity: x' = a x - b y + tx, y' = b x + a y + ty (linear in a, b, tx, ty).
     n = len(ref)
     A = np.zeros((2 * n, 4))
     A[0::2] = np.column_stack([ref[:, 0], -ref[:, 1], np.ones(n), np.zeros(n)])
     A[1::2] = np.column_stack([ref[:, 1], ref[:, 0], np.zeros(n), np.ones(n)])
-    (a, b, tx, ty), *_ = np.linalg.lstsq(A, xy.reshape(-1), rcond=None)
+    sw = np.repeat(np.sqrt(w), 2)
+    (a, b, tx, ty), *_ = np.linalg.lstsq(A * sw[:, None], xy.reshape(-1) * sw, rcond=None)
     return np.array([[a, -b, tx], [b, a, ty]])
 
 
 def fit_transform(ref_xy, xy, *, geometry: str = "SHIFT", clip_sigma: float = 3.0,
-                  max_iterations: int = 10) -> Transform:
+                  max_iterations: int = 10, errors=None) -> Transform:
     """Least-squares SHIFT or RSCALE transform from matched positions, with outlier rejection.
 
     Parameters
@@ -261,24 +270,30 @@ def fit_transform(ref_xy, xy, *, geometry: str = "SHIFT", clip_sigma: float = 3.
     geometry : {"SHIFT", "RSCALE"}
         Translation only, or similarity (shift, rotation, scale).
     clip_sigma : float
-        Stars whose residual exceeds ``clip_sigma`` x the rms residual are dropped,
-        and the fit repeated until nothing changes.
+        Stars whose (error-normalised) residual exceeds ``clip_sigma`` x the rms
+        are dropped, and the fit repeated until nothing changes.
+    errors : (n,) array, optional
+        Expected position error of each pair (px, both positions together);
+        the fit weights stars by 1/error^2, so bright stars with precise
+        centroids dominate.  None: equal weights.
     """
     geo = _check_geometry(geometry)
     ref, pos = _as_xy(ref_xy), _as_xy(xy)
     need = 1 if geo == "SHIFT" else 2
     if len(ref) < need:
         raise RegistrationError(f"{geo} fit needs at least {need} matched stars, got {len(ref)}")
+    err = np.ones(len(ref)) if errors is None else np.maximum(np.asarray(errors, dtype=np.float64), 1e-6)
+    w = 1.0 / err**2
     keep = np.ones(len(ref), dtype=bool)
     for _ in range(max_iterations):
-        m = _solve(ref[keep], pos[keep], geo)
-        r = np.hypot(*(ref @ m[:, :2].T + m[:, 2] - pos).T)
+        m = _solve(ref[keep], pos[keep], geo, w[keep])
+        r = np.hypot(*(ref @ m[:, :2].T + m[:, 2] - pos).T) / err
         rms = math.sqrt(float(np.mean(r[keep] ** 2)))
         new = r <= max(clip_sigma * rms, 1e-6)
         if new.sum() < need or np.array_equal(new, keep):
             break
         keep = new
-    m = _solve(ref[keep], pos[keep], geo)
+    m = _solve(ref[keep], pos[keep], geo, w[keep])
     r = np.hypot(*(ref[keep] @ m[:, :2].T + m[:, 2] - pos[keep]).T)
     return Transform(matrix=m, dx=float(m[0, 2]), dy=float(m[1, 2]),
                      rotation_deg=math.degrees(math.atan2(m[1, 0], m[0, 0])),
@@ -423,10 +438,10 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
 
     def sources(f):
         m = (f.quality & DQ.DO_NOT_USE) != 0
-        return _as_xy(detect_sources(f.science, bad_regions=regions, mask=m, thresh=thresh,
-                                     minarea=minarea))
+        return detect_sources(f.science, bad_regions=regions, mask=m, thresh=thresh, minarea=minarea)
 
-    ref_xy = sources(frames[0])
+    ref_src = sources(frames[0])
+    ref_xy = _as_xy(ref_src)
     if len(ref_xy) < min_matches:
         raise RegistrationError(f"reference frame: {len(ref_xy)} sources found, "
                                 f"need at least {min_matches}")
@@ -437,7 +452,8 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
     # Transforms first (sep holds the GIL), then the resampling on threads:
     # scipy.ndimage's interpolation releases the GIL, so frames resample in parallel.
     for k, f in enumerate(frames[1:], start=1):
-        xy = sources(f)
+        src = sources(f)
+        xy = _as_xy(src)
         if len(xy) < min_matches:
             raise RegistrationError(f"frame {k}: {len(xy)} sources found, need at least {min_matches}")
         try:
@@ -446,7 +462,8 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
             raise RegistrationError(f"frame {k}: {exc}") from exc
         if len(ri) < min_matches:
             raise RegistrationError(f"frame {k}: {len(ri)} stars matched, need at least {min_matches}")
-        t = fit_transform(ref_xy[ri], xy[i], geometry=geo)
+        t = fit_transform(ref_xy[ri], xy[i], geometry=geo,
+                          errors=np.hypot(ref_src["pos_err"][ri], src["pos_err"][i]))
         log.info("frame %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f n=%d rms=%.3f px",
                  k, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
         transforms.append(t)
