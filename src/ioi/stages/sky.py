@@ -679,6 +679,7 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                  ", ".join(f"{m.mean():.1%}" for m in masks))
     del stack, var_stack  # only the skies and their variances are needed from here
     out_frames, out_skies = [], []
+    nan_left = []  # (frame, pixels) with NaN sky after filling: one warning for all
     for i, f in enumerate(frames):
         sky = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes)
         svar = fill_nan_box_mean(sky_vars[i], box=smoothing_box_size, max_passes=fill_passes)
@@ -688,7 +689,7 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
             msg = (f"frame {i}: {int(nosky.sum())} sky pixels remain NaN after box filling "
                    f"(smoothing_box_size = {smoothing_box_size})")
             notes.append(msg)
-            warnings.warn(StageWarning(msg, exit_code=ExitCode.SKY_BAD_PIXELS_REMAIN), stacklevel=2)
+            nan_left.append((i, int(nosky.sum())))
         science = (f.science.astype(np.float32) - sky).astype(np.float32)
         variance = (f.variance.astype(np.float32) + svar).astype(np.float32)
         quality = f.quality.copy()
@@ -712,6 +713,11 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         out_frames.append(f.replace(science=science, variance=variance, quality=quality, header=hdr))
         if keep_skies:
             out_skies.append(sky)
+    if nan_left:
+        counts = ", ".join(f"{k}: {c}" for k, c in nan_left)
+        warnings.warn(StageWarning(f"sky pixels remain NaN after box filling (smoothing_box_size = "
+                                   f"{smoothing_box_size}), per frame {counts}; flagged NO_SKY",
+                                   exit_code=ExitCode.SKY_BAD_PIXELS_REMAIN), stacklevel=2)
     return SkyResult(frames=out_frames, skies=out_skies, offsets=off, levels=levels,
                      unsolved_fraction=np.asarray(unsolved, dtype=np.float64),
                      source_masks=masks, notes=notes)
