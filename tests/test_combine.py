@@ -412,3 +412,15 @@ def test_row_chunks_give_the_whole_frame_result(method):
     np.testing.assert_array_equal(chunked.variance, whole.variance)
     np.testing.assert_array_equal(chunked.quality, whole.quality)
     assert chunked.header == whole.header
+
+
+@pytest.mark.parametrize("acqtime1", ["2015-02-27-21:12:40.500", "2015-02-27T21:12:40.500", "2015-02-27-21:12:40.5",
+                                      None, "garbage"])
+def test_header_times_from_acqtime1_variants_or_acqtime(acqtime1):
+    h = fits.Header()
+    h["ACQTIME"] = 2457081.3838020833  # 2015-02-27 21:12:40.500 UTC
+    if acqtime1 is not None:
+        h["ACQTIME1"] = acqtime1
+    out = update_combined_header(h, exptime=10.0, method="CDS")
+    assert out["DATE-OBS"] == "2015-02-27T21:12:40.500"
+    assert out["UTSTART"] == "21:12:40.500" and out["DATE"] == "2015-02-27"

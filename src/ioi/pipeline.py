@@ -90,7 +90,7 @@ def gain_for(header) -> tuple[float, str | None]:
     """Nominal gain (e-/ADU) for the header's ASICGAIN, and a warning text when unknown."""
     value = header.get("ASICGAIN")
     try:
-        key = int(value)
+        key = int(float(value))
     except (TypeError, ValueError):
         key = None
     if key in GAIN_BY_ASICGAIN:

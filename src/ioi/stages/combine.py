@@ -165,6 +165,23 @@ def _make_frame(ramp, science, variance, quality, *, exptime, method, pairs, lin
 # --------------------------------------------------------------------------- header
 
 
+_ACQTIME1_FORMATS = ("%Y-%m-%d-%H:%M:%S.%f", "%Y-%m-%d-%H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S")
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def _parse_acqtime1(value):
+    """ACQTIME1 as a naive UTC datetime (the LT format first, ISO variants too), or None."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    for fmt in _ACQTIME1_FORMATS:
+        try:
+            return datetime.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+    return None
+
+
 def update_combined_header(header, *, exptime: float, method: str, pairs: int | None = None) -> fits.Header:
     """A new header for a combined frame (the input is not changed).
 
@@ -186,10 +203,13 @@ def update_combined_header(header, *, exptime: float, method: str, pairs: int | 
     except (TypeError, ValueError):
         log.debug("no usable ACQTIME (%r): MJD not set", acqtime)
     acqtime1 = out.get("ACQTIME1")
-    try:
-        when = datetime.datetime.strptime(str(acqtime1).strip(), "%Y-%m-%d-%H:%M:%S.%f")
-    except (TypeError, ValueError):
-        log.debug("no usable ACQTIME1 (%r): DATE-OBS, DATE, UTSTART not set", acqtime1)
+    when = _parse_acqtime1(acqtime1)
+    if when is None and "MJD" in out:
+        # ACQTIME1 missing or in another format: the same instant from the Julian date
+        when = _UNIX_EPOCH + datetime.timedelta(days=float(acqtime) - 2440587.5)
+        log.debug("no usable ACQTIME1 (%r): DATE-OBS, DATE, UTSTART from ACQTIME", acqtime1)
+    if when is None:
+        log.debug("no usable ACQTIME1 (%r) or ACQTIME: DATE-OBS, DATE, UTSTART not set", acqtime1)
     else:
         when = when + datetime.timedelta(microseconds=500)  # round to the millisecond
         ms = when.microsecond // 1000
