@@ -424,3 +424,19 @@ def test_header_times_from_acqtime1_variants_or_acqtime(acqtime1):
     out = update_combined_header(h, exptime=10.0, method="CDS")
     assert out["DATE-OBS"] == "2015-02-27T21:12:40.500"
     assert out["UTSTART"] == "21:12:40.500" and out["DATE"] == "2015-02-27"
+
+
+def test_fowler_without_group_keywords_pairs_by_inttime():
+    shape = (6, 6)
+    rate = np.full(shape, 100.0)
+    t, g, i = fowler_layout(2, frmtime=FRMTIME, gap=8.0)
+    ramp, _ = make_ramp(rate, t, group=g, index=i)
+    with_groups = combine_fowler(ramp, pairs=2, gain=GAIN, read_noise=RN)
+    no_groups = combine_fowler(ramp.replace(group=np.zeros_like(ramp.group), index=np.zeros_like(ramp.index)),
+                               pairs=2, gain=GAIN, read_noise=RN)
+    np.testing.assert_array_equal(no_groups.science, with_groups.science)
+    odd = ramp.replace(reads=ramp.reads[:3], inttime=ramp.inttime[:3], group=np.zeros(3, int), index=np.zeros(3, int),
+                       saturated=None if ramp.saturated is None else ramp.saturated[:3])
+    with pytest.raises(IoiError) as exc:
+        combine_fowler(odd, pairs=1, gain=GAIN, read_noise=RN)
+    assert exc.value.exit_code == 32

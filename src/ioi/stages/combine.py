@@ -294,6 +294,16 @@ def _fowler_reads(ramp: Ramp, pairs: int) -> tuple[list[int], list[int]]:
             f"{ramp.nreads} ({n_ped} pedestal, {n_sig} signal: {names})",
             exit_code=ExitCode.TOO_FEW_FILES_FOWLER,
         )
+    if n_ped == 0 and n_sig == 0:
+        # No SEQNUM_M in the headers: in INTTIME order the first half of the reads
+        # are the pedestal reads and the second half the signal reads.
+        if ramp.nreads % 2:
+            raise StageError(
+                f"Fowler-{pairs}: no SEQNUM_M groups and an odd number of reads ({ramp.nreads}: {names}), "
+                "so pedestal and signal reads cannot be paired", exit_code=ExitCode.UNEQUAL_FOWLER_READS)
+        half = ramp.nreads // 2
+        log.info("Fowler-%d: no SEQNUM_M in the headers; pairing read k with read %d + k by INTTIME", pairs, half)
+        return list(range(pairs)), list(range(half, half + pairs))
     if n_ped != n_sig:
         raise StageError(
             f"Fowler-{pairs}: {n_ped} pedestal reads (SEQNUM_M=1) but {n_sig} signal reads (SEQNUM_M=2) "
