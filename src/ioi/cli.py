@@ -188,12 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_simulate(sub)
     _add_reduce(sub)
-    try:
-        from ioi.calib.commands import add_calib_parser
-    except ImportError:  # pragma: no cover - only while the calibration tools are absent
-        add_calib_parser = None
-    if add_calib_parser is not None:
-        add_calib_parser(sub)
+    from ioi.calib.commands import add_calib_parser  # light: the tools import their libraries when run
+
+    add_calib_parser(sub)
     _add_config(sub)
     return parser
 
