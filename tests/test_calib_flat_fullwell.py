@@ -58,7 +58,7 @@ def test_flat_from_science_masks_sources():
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[:128, :128]
     frames = []
-    for i in range(9):  # dithered star fields
+    for _frame in range(9):  # dithered star fields
         sky = np.full((128, 128), 2000.0)
         for _ in range(6):
             y0, x0 = rng.uniform(10, 118, 2)

@@ -344,8 +344,6 @@ def _gauss_fit(values):
 def cmd_gain(args) -> int:
     import json
 
-    import numpy as np
-
     from ioi.calib.gain import asicgain_db, fit_ptc, ptc_points, theoretical_gain
     from ioi.frame import GAIN_BY_ASICGAIN
 

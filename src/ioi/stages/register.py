@@ -233,7 +233,7 @@ def match_sources(ref_xy, xy, *, geometry: str = "SHIFT", radius: float = _MATCH
     try:
         first, _ = aa.find_transform(ref_xy, xy)
     except (aa.MaxIterError, ValueError) as exc:
-        raise RegistrationError(f"no asterism match between the frame and the reference: {exc}")
+        raise RegistrationError(f"no asterism match between the frame and the reference: {exc}") from None
     matrix = np.asarray(first.params, dtype=np.float64)[:2]
     for _ in range(2):  # match, refit with the requested geometry, match again
         ri, i = _mutual_nearest(ref_xy @ matrix[:, :2].T + matrix[:, 2], xy, radius)
