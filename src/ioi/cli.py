@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(func, args) -> int:
+    from ioi._memory import return_freed_memory_to_os
+
+    return_freed_memory_to_os()
     try:
         return int(func(args) or 0)
     except IoiError as exc:

@@ -277,6 +277,8 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
                 progress(i + 1, len(multrun.dithers), f"{multrun.name} dither {seq.dither}")
             log.info("%s dither %d: combined %d reads (%s)", multrun.name, seq.dither, len(seq.reads),
                      pipe.frame_combination.method)
+        # only the file names of the calibration are needed from here: drop the arrays
+        cal = dataclasses.replace(cal, flat=None, masks={}, lin_coeffs=None)
         _finish(multrun, frames, pipe, cal, run, out_dir)
     except _Quit as q:
         result.stopped_after = q.stage
@@ -285,13 +287,17 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     return result
 
 
-def _finish(multrun: Multrun, frames, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path):
+def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path):
+    """Sky subtraction, registration, stacking and the products, holding as few
+    full sets of frames at once as the order allows: the L1 products are
+    written as soon as the transforms are known (the unsubtracted frames are
+    then released), and the sky-subtracted frames are released as they are
+    resampled.  ``frames`` is emptied."""
     from ioi.stages import register, sky, stack
 
     dithered = multrun.convention == LT and len(frames) > 1
     nonss = frames
     ss = None
-    sky_result = None
     sp = pipe.sky_subtraction
     if dithered and sp.do:
         with run.stage("sky"):
@@ -301,14 +307,18 @@ def _finish(multrun: Multrun, frames, pipe: PipelineConfig, cal: Calibration, ru
                 max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources,
                 keep_skies=False)
         ss = list(sky_result.frames)
+        del sky_result
         log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
                  sp.peers_only, sp.mask_sources)
+        if sp.hard:
+            for seq, f in zip(multrun.dithers, ss):
+                _hard(sp, f, run, out_dir, f"{multrun.name}_{seq.dither}_skysub.fits")
     sky_done = ss is not None
+    target = ss if sky_done else list(nonss)  # what is registered and stacked
 
-    # Registration and stacking (LT data, more than one dither)
-    reg_frames = transforms = None
+    # Registration transforms (LT data, more than one dither)
+    transforms = None
     rp = pipe.registration
-    want_stack = dithered and pipe.stacking.do
     if dithered and rp.do and not (sky_done and sp.quit):
         regions = []
         if rp.do_bad_region >= 1:
@@ -318,61 +328,71 @@ def _finish(multrun: Multrun, frames, pipe: PipelineConfig, cal: Calibration, ru
         regions = [r for r in regions if r is not None]
         try:
             with run.stage("register"):
-                reg_frames, transforms = register.register_frames(
-                    ss if sky_done else nonss, geometry=rp.fit_geometry, algorithm=rp.registration_algorithm,
-                    bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold, bad_regions=tuple(regions))
+                transforms = register.find_transforms(target, geometry=rp.fit_geometry,
+                                                      algorithm=rp.registration_algorithm,
+                                                      bad_regions=tuple(regions))
             for d, t in zip(multrun.dithers, transforms):
                 log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
                          multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
         except register.RegistrationError as exc:
             run.warn(ExitCode.REGISTRATION_FAILED, f"registration failed: {exc}; stacking skipped")
-            reg_frames = None
-    reg_done = reg_frames is not None
-
-    stacked = None
-    if want_stack and reg_done and not rp.quit and not (sky_done and sp.quit):
-        with run.stage("stack"):
-            stacked = stack.stack_frames(reg_frames, method=pipe.stacking.method,
-                                         clip_sigma=pipe.stacking.clip_sigma or None)
-    elif want_stack and not reg_done and rp.do:
+    reg_done = transforms is not None
+    want_stack = dithered and pipe.stacking.do and reg_done and not rp.quit and not (sky_done and sp.quit)
+    if dithered and pipe.stacking.do and rp.do and not reg_done:
         log.warning("%s: no stack written (registration did not succeed)", multrun.name)
 
-    # Products
-    if not pipe.general.write_output:
+    # L1 products now: every keyword is known (a stack that then fails is fatal, exit 13).
+    cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=reg_done, stack_done=want_stack)
+    stats = [_dither_stats(seq, nonss[i], ss[i] if sky_done else None, transforms[i] if reg_done else None)
+             for i, seq in enumerate(multrun.dithers)]
+    if pipe.general.write_output:
+        with run.stage("write"):
+            for i, seq in enumerate(multrun.dithers):
+                extensions = {}
+                if sky_done:
+                    extensions["IM_SS"] = ss[i]
+                extensions["IM_NONSS"] = nonss[i]
+                primary = _with_keywords(nonss[i].header, cards)
+                if reg_done:
+                    primary["REGDX"] = (round(float(transforms[i].dx), 4), "[px] registration shift x")
+                    primary["REGDY"] = (round(float(transforms[i].dy), 4), "[px] registration shift y")
+                p = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions,
+                                         overwrite=True)
+                run.result.l1_products.append(p)
+    else:
         log.info("write_output = 0: no products written")
-        return
-    cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=reg_done, stack_done=stacked is not None)
-    with run.stage("write"):
-        for i, seq in enumerate(multrun.dithers):
-            extensions = {}
-            if sky_done:
-                extensions["IM_SS"] = ss[i]
-            extensions["IM_NONSS"] = nonss[i]
-            primary = _with_keywords(nonss[i].header, cards)
-            if transforms is not None:
-                t = transforms[i]
-                primary["REGDX"] = (round(float(t.dx), 4), "[px] registration shift x")
-                primary["REGDY"] = (round(float(t.dy), 4), "[px] registration shift y")
-            p = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions, overwrite=True)
-            run.result.l1_products.append(p)
-        if stacked is not None:
-            ext = "SK_SS" if sky_done else "SK_NONSS"
-            primary = _with_keywords(stacked.frame.header, cards)
-            extensions = {ext: stacked.frame}
-            primary["NCOMBINE"] = (stacked.n_frames, "frames in the stack")
-            exp_header = fits.Header(fitsio.wcs_cards(stacked.frame.header))
-            exp_header["BUNIT"] = ("frames", "number of frames contributing per pixel")
-            exposure = fits.ImageHDU(np.asarray(stacked.exposure_map, dtype=np.int16), header=exp_header,
-                                     name=f"{ext}_EXP")
-            p = fitsio.write_product(out_dir / multrun.l2_name(), primary, extensions, overwrite=True,
-                                     extra_hdus=[exposure])
-            run.result.l2_product = p
+    nonss.clear()  # the unsubtracted frames are written: release them
+    if sky_done:
+        del ss
+
+    stacked = None
+    if want_stack:
+        with run.stage("register"):
+            registered = register.resample_frames(target, transforms, geometry=rp.fit_geometry,
+                                                  bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold,
+                                                  release=True)
+        del target
+        if rp.hard:
+            for seq, f in zip(multrun.dithers, registered):
+                _hard(rp, f, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")
+        with run.stage("stack"):
+            stacked = stack.stack_frames(registered, method=pipe.stacking.method,
+                                         clip_sigma=pipe.stacking.clip_sigma or None)
+        del registered
+        if pipe.general.write_output:
+            with run.stage("write"):
+                ext = "SK_SS" if sky_done else "SK_NONSS"
+                primary = _with_keywords(stacked.frame.header, cards)
+                primary["NCOMBINE"] = (stacked.n_frames, "frames in the stack")
+                exp_header = fits.Header(fitsio.wcs_cards(stacked.frame.header))
+                exp_header["BUNIT"] = ("frames", "number of frames contributing per pixel")
+                exposure = fits.ImageHDU(np.asarray(stacked.exposure_map, dtype=np.int16), header=exp_header,
+                                         name=f"{ext}_EXP")
+                run.result.l2_product = fitsio.write_product(out_dir / multrun.l2_name(), primary, {ext: stacked.frame},
+                                                             overwrite=True, extra_hdus=[exposure])
     run.result.stage_seconds["total"] = time.perf_counter() - run.t_start
-    run.result.report = write_report(out_dir, multrun, run.result, frames=nonss, sky_frames=ss,
-                                     transforms=transforms, stacked=stacked)
+    run.result.report = write_report(out_dir, multrun, run.result, stats, stacked=stacked)
 
-
-# ----------------------------------------------------------------------------- report
 
 def _robust_sigma(values) -> float:
     v = values[np.isfinite(values)]
@@ -384,30 +404,32 @@ def _robust_sigma(values) -> float:
     return float(1.4826 * np.median(np.abs(v - med)))
 
 
-def write_report(out_dir: Path, multrun: Multrun, result: ReductionResult, *, frames, sky_frames,
-                 transforms, stacked) -> Path:
+def _dither_stats(seq: DitherSequence, frame: Frame, sky_frame, transform) -> dict:
+    """The quality-report entry of one dither."""
+    sample = frame.science[::4, ::4]
+    entry = {
+        "dither": seq.dither,
+        "reads": len(seq.reads),
+        "exptime_s": float(frame.header.get("EXPTIME", float("nan"))),
+        "median_level_adu": float(np.nanmedian(sample)) if np.isfinite(sample).any() else None,
+        "bad_pixel_fraction": float(np.mean((frame.quality[::4, ::4] & DQ.DO_NOT_USE) != 0)),
+        "read_noise_adu": frame.header.get("RDNOISE"),
+    }
+    if sky_frame is not None:
+        entry["sky_subtracted_rms_adu"] = _robust_sigma(sky_frame.science[::4, ::4].ravel())
+        entry["sky_subtracted_median_adu"] = float(np.nanmedian(sky_frame.science[::4, ::4]))
+    if transform is not None:
+        t = transform
+        entry["registration"] = {"dx": float(t.dx), "dy": float(t.dy), "rotation_deg": float(t.rotation_deg),
+                                 "scale": float(t.scale), "n_matched": int(t.n_matched), "rms_px": float(t.rms_px),
+                                 "matrix_ref_to_frame": np.asarray(t.matrix, dtype=float).tolist()}
+    return entry
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(out_dir: Path, multrun: Multrun, result: ReductionResult, dither_stats, *, stacked) -> Path:
     """A JSON quality report per multrun (beyond the original)."""
-    dithers = []
-    for i, seq in enumerate(multrun.dithers):
-        f = frames[i]
-        sample = f.science[::4, ::4]
-        entry = {
-            "dither": seq.dither,
-            "reads": len(seq.reads),
-            "exptime_s": float(f.header.get("EXPTIME", float("nan"))),
-            "median_level_adu": float(np.nanmedian(sample)) if np.isfinite(sample).any() else None,
-            "bad_pixel_fraction": float(np.mean((f.quality & DQ.DO_NOT_USE) != 0)),
-            "read_noise_adu": f.header.get("RDNOISE"),
-        }
-        if sky_frames is not None:
-            entry["sky_subtracted_rms_adu"] = _robust_sigma(sky_frames[i].science[::4, ::4].ravel())
-            entry["sky_subtracted_median_adu"] = float(np.nanmedian(sky_frames[i].science[::4, ::4]))
-        if transforms is not None:
-            t = transforms[i]
-            entry["registration"] = {"dx": float(t.dx), "dy": float(t.dy), "rotation_deg": float(t.rotation_deg),
-                                     "scale": float(t.scale), "n_matched": int(t.n_matched), "rms_px": float(t.rms_px),
-                                     "matrix_ref_to_frame": np.asarray(t.matrix, dtype=float).tolist()}
-        dithers.append(entry)
     report = {
         "multrun": multrun.name,
         "convention": multrun.convention,
@@ -415,7 +437,7 @@ def write_report(out_dir: Path, multrun: Multrun, result: ReductionResult, *, fr
         "l2_product": str(result.l2_product) if result.l2_product else None,
         "warnings": [{"code": int(c), "message": m} for c, m in result.warnings],
         "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
-        "dithers": dithers,
+        "dithers": list(dither_stats),
     }
     if stacked is not None:
         report["stack"] = {"n_frames": int(stacked.n_frames),

@@ -179,8 +179,10 @@ def reduce_one(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_d
 
 def _reduce_in_worker(multrun, pipe, paths, out_dir, flip, force, log_level, logfile=None):
     # Runs in a separate process: give it its own logging, to the console and (appending) to res.log.
+    from ioi._memory import return_freed_memory_to_os
     from ioi.logs import close_logging, setup_logging
 
+    return_freed_memory_to_os()
     setup_logging(log_level, logfile=logfile)
     try:
         return reduce_one(multrun, pipe, paths, out_dir, flip=flip, force=force)

@@ -391,13 +391,25 @@ def _reg_header(hdr, geo, t: Transform, order, bad_threshold):
     return hdr
 
 
-def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY",
-                    bad_threshold: float = 20.0, bad_regions=(), min_matches: int = 4,
-                    order: int = 3, thresh: float = 5.0, minarea: int = 5, threads: int | None = None):
-    """Register frames onto the first (the reference) and resample them onto its grid.
+def _check_frames(frames) -> tuple:
+    frames = list(frames)
+    if not frames:
+        raise StageError("registration needs at least one frame")
+    shape = frames[0].shape
+    for k, f in enumerate(frames):
+        if f.shape != shape:
+            raise StageError(f"registration: frame {k} has shape {f.shape}, frame 0 has {shape}",
+                             exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+    return frames
 
-    ``threads``: frames resampled at once (default: the machine's cores); the
-    result does not depend on it.
+
+def find_transforms(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY", bad_regions=(),
+                    min_matches: int = 4, thresh: float = 5.0, minarea: int = 5) -> list:
+    """The transform of every frame relative to the first (the reference).
+
+    Sources are found with sep in each frame (``bad_regions`` zeroed for the
+    detection only), matched to the reference by asterisms, and a SHIFT or
+    RSCALE transform is fitted, weighted by each star's centroid error.
 
     Parameters
     ----------
@@ -405,17 +417,14 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
     geometry : {"SHIFT", "RSCALE"}
     algorithm : {"SCIPY", "IRAF"}
         IRAF: exit 19 (not available); another value: exit 19 listing the allowed ones.
-    bad_threshold : float
-        See :func:`resample_frame`.
     bad_regions : sequence of (slice, slice) or "y0:y1,x0:x1"
-        Zeroed during source detection only.
     min_matches : int
-        Fewer matched stars than this: RegistrationError (exit 18).
+        Fewer sources or matched stars than this: RegistrationError (exit 18).
 
     Returns
     -------
-    (list of Frame, list of Transform)
-        The reference comes back unresampled (identity transform).
+    list of Transform
+        The first is the identity.
     """
     alg = str(algorithm).strip().upper()
     if alg == "IRAF":
@@ -426,14 +435,7 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
                        f"{', '.join(REGISTRATION_ALGORITHMS)}",
                        exit_code=ExitCode.UNKNOWN_REGISTRATION_METHOD)
     geo = _check_geometry(geometry)
-    frames = list(frames)
-    if not frames:
-        raise StageError("registration needs at least one frame")
-    shape = frames[0].shape
-    for k, f in enumerate(frames):
-        if f.shape != shape:
-            raise StageError(f"registration: frame {k} has shape {f.shape}, frame 0 has {shape}",
-                             exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+    frames = _check_frames(frames)
     regions = _regions(bad_regions)
 
     def sources(f):
@@ -445,12 +447,7 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
     if len(ref_xy) < min_matches:
         raise RegistrationError(f"reference frame: {len(ref_xy)} sources found, "
                                 f"need at least {min_matches}")
-    ident = Transform.identity()
-    ident = dataclasses.replace(ident, n_matched=len(ref_xy))
-    out = [frames[0].replace(header=_reg_header(frames[0].header, geo, ident, order, bad_threshold))]
-    transforms = [ident]
-    # Transforms first (sep holds the GIL), then the resampling on threads:
-    # scipy.ndimage's interpolation releases the GIL, so frames resample in parallel.
+    transforms = [dataclasses.replace(Transform.identity(), n_matched=len(ref_xy))]
     for k, f in enumerate(frames[1:], start=1):
         src = sources(f)
         xy = _as_xy(src)
@@ -467,10 +464,31 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
         log.info("frame %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f n=%d rms=%.3f px",
                  k, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
         transforms.append(t)
+    return transforms
+
+
+def resample_frames(frames, transforms, *, geometry: str = "SHIFT", bad_threshold: float = 20.0,
+                    order: int = 3, threads: int | None = None, release: bool = False) -> list:
+    """Resample every frame onto the reference grid with its transform (see :func:`resample_frame`).
+
+    The reference comes back unresampled, with the registration keywords.
+    ``threads``: frames resampled at once (default: the machine's cores;
+    scipy.ndimage's interpolation releases the GIL); the result does not
+    depend on it.  ``release=True`` (``frames`` a list the caller gives up):
+    each input frame is dropped from the list once resampled, so that input
+    and output frames are not all held at once.
+    """
+    geo = _check_geometry(geometry)
+    if len(transforms) != len(frames):
+        raise StageError(f"resample_frames: {len(frames)} frames but {len(transforms)} transforms")
+    _check_frames(frames)
+    out = [frames[0].replace(header=_reg_header(frames[0].header, geo, transforms[0], order, bad_threshold))]
 
     def resample(k):
         f, t = frames[k], transforms[k]
         res = resample_frame(f, t, bad_threshold=bad_threshold, order=order)
+        if release:
+            frames[k] = None
         return res.replace(header=_reg_header(f.header, geo, t, order, bad_threshold))
 
     workers = max(1, min(threads if threads else (os.cpu_count() or 1), len(frames) - 1))
@@ -479,4 +497,25 @@ def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
             out.extend(pool.map(resample, range(1, len(frames))))
     else:
         out.extend(resample(k) for k in range(1, len(frames)))
+    if release:
+        frames[0] = None
+    return out
+
+
+def register_frames(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY",
+                    bad_threshold: float = 20.0, bad_regions=(), min_matches: int = 4,
+                    order: int = 3, thresh: float = 5.0, minarea: int = 5, threads: int | None = None):
+    """Register frames onto the first (the reference) and resample them onto its grid:
+    :func:`find_transforms` then :func:`resample_frames`.
+
+    Returns
+    -------
+    (list of Frame, list of Transform)
+        The reference comes back unresampled (identity transform).
+    """
+    frames = list(frames)
+    transforms = find_transforms(frames, geometry=geometry, algorithm=algorithm, bad_regions=bad_regions,
+                                 min_matches=min_matches, thresh=thresh, minarea=minarea)
+    out = resample_frames(frames, transforms, geometry=geometry, bad_threshold=bad_threshold, order=order,
+                          threads=threads)
     return out, transforms

@@ -476,28 +476,34 @@ def _all_median_skies(stack: np.ndarray, levels: np.ndarray, *, peers_only: bool
     return skies
 
 
-def _sky_variances(var_stack: np.ndarray, valid: np.ndarray, *, peers_only: bool,
-                   factor: float) -> list:
-    """factor x mean(variance of the contributing frames) / n_contributing, per frame.
+class _SkyVariances:
+    """factor x mean(variance of the contributing frames) / n_contributing, per frame on demand.
 
-    The sum over all frames is accumulated once in float64 and each frame's own
-    term removed for ``peers_only`` (per-frame arithmetic in float32: plenty for
-    a variance estimate).  Returns float32 (ny, nx) arrays, NaN where no frame
-    contributes.
+    The sum over all frames is accumulated once (float64, then float32) without
+    stacking the variance planes, and each frame's own term is removed for
+    ``peers_only`` when that frame's sky variance is asked for: one frame-sized
+    result at a time instead of n.  NaN where no frame contributes.
     """
-    v = np.where(valid, var_stack, np.float32(0.0))
-    total = v.sum(axis=0, dtype=np.float64).astype(np.float32)
-    count = valid.sum(axis=0, dtype=np.int16)
-    out = []
-    for i in range(var_stack.shape[0]):
-        if peers_only and var_stack.shape[0] > 1:
-            s, c = total - v[i], count - valid[i]
-        else:
-            s, c = total, count
+
+    def __init__(self, variances, valid: np.ndarray, *, peers_only: bool, factor: float):
+        self.variances = variances
+        self.valid = valid
+        self.peers_only = peers_only and len(variances) > 1
+        self.factor = np.float32(factor)
+        total = np.zeros(valid.shape[1:], dtype=np.float64)
+        for v, ok in zip(variances, valid):
+            total += np.where(ok, v, np.float32(0.0))
+        self.total = total.astype(np.float32)
+        self.count = valid.sum(axis=0, dtype=np.int16)
+
+    def __call__(self, i: int) -> np.ndarray:
+        s, c = self.total, self.count
+        if self.peers_only:
+            s = s - np.where(self.valid[i], self.variances[i], np.float32(0.0))
+            c = c - self.valid[i]
         c = c.astype(np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(np.float32(factor) * s / (c * c))  # c == 0: 0/0 -> NaN
-    return out
+            return self.factor * s / (c * c)  # c == 0: 0/0 -> NaN
 
 
 def _bin_stack(stack: np.ndarray, b: int) -> np.ndarray:
@@ -565,7 +571,7 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     return np.ascontiguousarray(mask)
 
 
-def _sky_pass(stack, var_stack, *, peers_only, alg, bg_sigma_clip, max_iterations,
+def _sky_pass(stack, variances, *, peers_only, alg, bg_sigma_clip, max_iterations,
               max_unsolved_percentage, notes, with_variance=True):
     """Raw skies (before filling), their variances (None unless ``with_variance``),
     offsets, levels and unsolved fractions."""
@@ -587,11 +593,11 @@ def _sky_pass(stack, var_stack, *, peers_only, alg, bg_sigma_clip, max_iteration
                 notes.append(f"frame {i}: {uns.sum()} pixels did not converge ({alg}); set NaN")
             unsolved[i] = uns.mean()
             skies.append(sky)
-    variances = None
+    sky_variances = None
     if with_variance:
-        variances = _sky_variances(var_stack, np.isfinite(stack), peers_only=peers_only,
-                                   factor=_VARIANCE_FACTOR[alg])
-    return skies, variances, off, levels, unsolved
+        sky_variances = _SkyVariances(variances, np.isfinite(stack), peers_only=peers_only,
+                                      factor=_VARIANCE_FACTOR[alg])
+    return skies, sky_variances, off, levels, unsolved
 
 
 def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
@@ -648,14 +654,14 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
     for k, f in enumerate(frames):  # DO_NOT_USE pixels count as missing
         np.copyto(stack[k], f.science, casting="same_kind")
         stack[k][(f.quality & DQ.DO_NOT_USE) != 0] = np.nan
-    var_stack = np.stack([f.variance for f in frames], dtype=np.float32)
+    variances = [np.asarray(f.variance, dtype=np.float32) for f in frames]
     notes: list[str] = []
     kw = dict(peers_only=peers_only, alg=alg, bg_sigma_clip=bg_sigma_clip,
               max_iterations=max_iterations, max_unsolved_percentage=max_unsolved_percentage,
               notes=notes)
     masks = None
     if not mask_sources:
-        skies, sky_vars, off, levels, unsolved = _sky_pass(stack, var_stack, **kw)
+        skies, sky_vars, off, levels, unsolved = _sky_pass(stack, variances, **kw)
     else:
         # First pass on 2x2 block means: its sky only serves to find the
         # sources to mask, which are several pixels wide (4x fewer pixels to
@@ -667,7 +673,7 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                                      binning=b, shape=shape) for i in range(n)]
         for i in range(n):  # the stack is our own copy: mask in place
             stack[i][masks[i]] = np.nan
-        skies, sky_vars, off, levels, unsolved = _sky_pass(stack, var_stack, **kw)
+        skies, sky_vars, off, levels, unsolved = _sky_pass(stack, variances, **kw)
         for i in range(n):
             # Where every contributing frame is masked keep the first-pass sky
             # (its variance, NaN there, is filled from the neighbours below).
@@ -677,13 +683,13 @@ def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                 skies[i][hole] = coarse[hole]
         log.info("sky: second pass with %s source pixels masked",
                  ", ".join(f"{m.mean():.1%}" for m in masks))
-    del stack, var_stack  # only the skies and their variances are needed from here
+    del stack  # only the skies and their variances are needed from here
     out_frames, out_skies = [], []
     nan_left = []  # (frame, pixels) with NaN sky after filling: one warning for all
     for i, f in enumerate(frames):
         sky = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes)
-        svar = fill_nan_box_mean(sky_vars[i], box=smoothing_box_size, max_passes=fill_passes)
-        skies[i] = sky_vars[i] = None
+        svar = fill_nan_box_mean(sky_vars(i), box=smoothing_box_size, max_passes=fill_passes)
+        skies[i] = None
         nosky = ~np.isfinite(sky)
         if nosky.any():
             msg = (f"frame {i}: {int(nosky.sum())} sky pixels remain NaN after box filling "
