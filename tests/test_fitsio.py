@@ -115,3 +115,11 @@ def test_write_refuses_to_overwrite_by_default(tmp_path):
     fitsio.write_image(target, np.ones((2, 2), np.float32))
     with pytest.raises(IoiError, match="exists"):
         fitsio.write_image(target, np.ones((2, 2), np.float32))
+
+
+def test_read_image_finds_the_image_behind_an_empty_primary(tmp_path):
+    p = tmp_path / "flat.fits"
+    data = np.full((4, 5), 1.25, np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, name="FLAT")]).writeto(p)
+    out, _ = fitsio.read_image(p)
+    np.testing.assert_array_equal(out, data)

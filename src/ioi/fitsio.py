@@ -79,13 +79,19 @@ def read_raw(path) -> tuple[np.ndarray, fits.Header]:
 
 
 def read_image(path, *, hdu=0, what="image") -> tuple[np.ndarray, fits.Header]:
-    """Read one image HDU (by index or EXTNAME) as native float32 with its header."""
+    """Read one image HDU (by index or EXTNAME) as native float32 with its header.
+
+    With the default ``hdu=0`` and an empty primary HDU (image in an
+    extension, as many tools write), the first HDU holding an image is read.
+    """
     path = Path(path)
     with _open(path, what) as hdul:
         try:
             h = hdul[hdu]
         except (KeyError, IndexError):
             raise InputError(f"{what} {path} has no HDU {hdu!r}") from None
+        if hdu == 0 and h.data is None:
+            h = next((x for x in hdul[1:] if getattr(x, "data", None) is not None and x.is_image), h)
         try:
             data = _to_float32(h)
         except (ValueError, TypeError, OSError) as exc:
