@@ -188,6 +188,16 @@ def _jd(t: _dt.datetime) -> float:
     return 2440587.5 + t.timestamp() / 86400.0
 
 
+def _time_cards(acq: _dt.datetime) -> list:
+    """Acquisition-time keywords of one read (ACQTIME as JD, ACQTIME1 in the LT text format)."""
+    return [
+        ("ACQTIME", _jd(acq), "[JD] acquisition of this read"),
+        ("ACQTIME1", acq.strftime("%Y-%m-%d-%H:%M:%S.%f"), "acquisition of this read (UTC)"),
+        ("DATE-OBS", acq.strftime("%Y-%m-%dT%H:%M:%S.%f"), "acquisition of this read (UTC)"),
+        ("MJD-OBS", _jd(acq) - 2400000.5, "[d] acquisition of this read"),
+    ]
+
+
 def _sexagesimal(value, *, hours):
     # Formatting only; astropy.coordinates would cost a slow import for two strings.
     sign = "-" if value < 0 else "+"
@@ -596,11 +606,7 @@ def simulate(out_dir, *, seed=1, dithers=9, fowler_pairs=2, size=2048, date="201
                 ("SEQNUM_M", grp, "group"),
                 ("SEQNUM_N", idx, "read within group"),
                 ("SEQNNAME", seqnname, "sequence name"),
-                ("ACQTIME", _jd(acq), "[JD] acquisition of this read"),
-                ("ACQTIME1", acq.strftime("%Y-%m-%d-%H:%M:%S.%f"), "acquisition of this read (UTC)"),
-                ("DATE-OBS", acq.strftime("%Y-%m-%dT%H:%M:%S.%f"), "acquisition of this read (UTC)"),
-                ("MJD-OBS", _jd(acq) - 2400000.5, "[d] acquisition of this read"),
-            ])
+            ] + _time_cards(acq))
             path = raw_dir / f"i_e_{date}_{multrun}_{dither}_{i + 1}_0.fits"
             fits.PrimaryHDU(data, header=hdr).writeto(path, overwrite=True)
             raw_files.append(path)
@@ -634,11 +640,7 @@ def simulate(out_dir, *, seed=1, dithers=9, fowler_pairs=2, size=2048, date="201
                     ("SEQNUM_M", 1, "group"),
                     ("SEQNUM_N", k, "read within group"),
                     ("SEQNNAME", "UTR", "sequence name"),
-                    ("ACQTIME", _jd(acq), "[JD] acquisition of this read"),
-                    ("ACQTIME1", acq.strftime("%Y-%m-%d-%H:%M:%S.%f"), "acquisition of this read (UTC)"),
-                    ("DATE-OBS", acq.strftime("%Y-%m-%dT%H:%M:%S.%f"), "acquisition of this read (UTC)"),
-                ("MJD-OBS", _jd(acq) - 2400000.5, "[d] acquisition of this read"),
-                ])
+                ] + _time_cards(acq))
                 path = utr_dir / f"H2RG_R{run:02d}_M01_N{k:02d}.fits"
                 fits.PrimaryHDU(data, header=hdr).writeto(path, overwrite=True)
                 utr_files.append(path)
