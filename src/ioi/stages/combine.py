@@ -507,6 +507,8 @@ def _find_jumps(q, dvalid, dt, *, gain, read_noise, jump_sigma):
         qa = np.where(ok, q[:, active], np.nan)
         med = bn.nanmedian(qa, axis=0)  # bottleneck: NaN-aware median, fast
         sigma = np.sqrt(2.0 * read_noise**2 + np.maximum(med, 0.0) * dt[:, None] / gain) / dt[:, None]
+        # the median itself is uncertain: var(median of n) ~ pi/(2n) var(one)
+        sigma = sigma * np.sqrt(1.0 + np.pi / (2.0 * np.maximum(ok.sum(axis=0), 1)))
         z = np.where(ok, np.abs(qa - med) / sigma, -np.inf)
         worst = np.argmax(z, axis=0)
         zmax = z[worst, np.arange(active.size)]
