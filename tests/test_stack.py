@@ -171,3 +171,18 @@ def test_stacked_fwhm_within_1p05_of_single_frame():
           f"({widths[3] / single:.3f}x), stack linear {widths[1]:.3f} px ({widths[1] / single:.3f}x)")
     assert widths[3] <= 1.05 * single
     assert widths[3] < widths[1]  # why the cubic is the default
+
+
+def test_stack_quality_carries_the_flags_of_the_frames_used():
+    sci = np.ones((4, 5), np.float32)
+    q1 = np.zeros((4, 5), np.uint32)
+    q2 = np.zeros((4, 5), np.uint32)
+    q1[1, 1] = DQ.JUMP_DET
+    q2[2, 2] = DQ.SATURATED | DQ.DO_NOT_USE  # not used: its flag does not propagate
+    q1[3, 3] = q2[3, 3] = DQ.DO_NOT_USE | DQ.MASKED  # no frame left
+    frames = [Frame(sci, sci, q, fits.Header({"ASICGAIN": 10})) for q in (q1, q2)]
+    out = K.stack_frames(frames, method="MEAN").frame
+    assert out.quality[1, 1] == DQ.JUMP_DET
+    assert out.quality[2, 2] == 0
+    assert out.quality[3, 3] == DQ.DO_NOT_USE | DQ.NO_OVERLAP
+    assert out.quality[0, 0] == 0

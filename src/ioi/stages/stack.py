@@ -36,7 +36,9 @@ class StackResult:
     Attributes
     ----------
     frame : Frame
-        The stack: science, variance, quality (ny, nx) and header.
+        The stack: science, variance, quality (ny, nx) and header.  Quality is
+        the OR of the flags of the frames used at each pixel (DO_NOT_USE and
+        NO_OVERLAP only where no frame contributes).
     exposure_map : ndarray, int16, (ny, nx)
         Number of frames contributing to each pixel.
     n_frames : int
@@ -131,11 +133,13 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
     science = np.empty(shape, dtype=np.float32)
     variance = np.empty(shape, dtype=np.float32)
     count = np.empty(shape, dtype=np.int16)
+    quality = np.zeros(shape, dtype=np.uint32)
     for r0 in range(0, ny, max(int(chunk_rows), 1)):
         rows = slice(r0, r0 + max(int(chunk_rows), 1))
         data = np.stack([f.science[rows] for f in frames]).astype(np.float64)
         var = np.stack([f.variance[rows] for f in frames]).astype(np.float64)
-        dnu = np.stack([(f.quality[rows] & DQ.DO_NOT_USE) != 0 for f in frames])
+        flags = np.stack([f.quality[rows] for f in frames]).astype(np.uint32)
+        dnu = (flags & DQ.DO_NOT_USE) != 0
         valid = np.isfinite(data) & ~dnu
         if clip_sigma is not None:
             valid = _clip_chunk(data, var, valid, float(clip_sigma))
@@ -152,10 +156,11 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
         s[used == 0] = np.nan
         v[used == 0] = np.nan
         science[rows], variance[rows], count[rows] = s, v, used
+        # the flags of the frames that went into each pixel (why a pixel may be special)
+        quality[rows] = np.bitwise_or.reduce(np.where(valid, flags, np.uint32(0)), axis=0)
     if not np.isfinite(science).any():
         raise StageError(f"stacking: the {meth} stack of {n} frames has no finite pixel",
                          exit_code=ExitCode.STACKING_FAILED)
-    quality = np.zeros(shape, dtype=np.uint32)
     quality[count == 0] = np.uint32(DQ.DO_NOT_USE | DQ.NO_OVERLAP)
     hdr = frames[0].header.copy()
     hdr["L1STK"] = (1, "frames stacked (1 = yes)")
