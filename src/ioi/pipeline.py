@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from ioi import fitsio
+from ioi import fitsio, sexconfig
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.discovery import LT, DitherSequence, Multrun
@@ -269,6 +269,10 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     result = ReductionResult(multrun=multrun.name)
     run = _Run(result)
     cal = calibration if calibration is not None else load_calibration(pipe, paths, flip=flip)
+    detection = dict(sexconfig.DEFAULTS)  # registration's source detection (sep)
+    if pipe.registration.do and pipe.registration.use_sexconfig:
+        detection = sexconfig.read_sexconfig(paths.config_dir / pipe.registration.sexconfig_filename)
+        log.info("registration detection from %s: %s", pipe.registration.sexconfig_filename, detection)
     frames: list[Frame] = []
     try:
         for i, seq in enumerate(multrun.dithers):
@@ -279,7 +283,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
                      pipe.frame_combination.method)
         # only the file names of the calibration are needed from here: drop the arrays
         cal = dataclasses.replace(cal, flat=None, masks={}, lin_coeffs=None)
-        _finish(multrun, frames, pipe, cal, run, out_dir)
+        _finish(multrun, frames, pipe, cal, run, out_dir, detection)
     except _Quit as q:
         result.stopped_after = q.stage
         log.info("stopping after %s (quit = 1)", q.stage)
@@ -287,7 +291,8 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     return result
 
 
-def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path):
+def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path,
+            detection: dict):
     """Sky subtraction, registration, stacking and the products, holding as few
     full sets of frames at once as the order allows: the L1 products are
     written as soon as the transforms are known (the unsubtracted frames are
@@ -330,7 +335,7 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             with run.stage("register"):
                 transforms = register.find_transforms(target, geometry=rp.fit_geometry,
                                                       algorithm=rp.registration_algorithm,
-                                                      bad_regions=tuple(regions))
+                                                      bad_regions=tuple(regions), **detection)
             for d, t in zip(multrun.dithers, transforms):
                 log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
                          multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
