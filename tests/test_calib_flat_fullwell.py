@@ -116,6 +116,12 @@ def test_full_well_plateau_and_adc():
     # (~50 ADU rms) plus the max of ~10 plateau reads (read noise 17 x sqrt(2), ~+1.5 sigma)
     err = res.depth - expect
     assert np.all(np.abs(err) < 250) and np.median(np.abs(err)) < 80
+    # every pixel is independent: row chunks of any height give the same maps
+    for rows in (1, 7):
+        chunked = full_well(sig, chunk_rows=rows)
+        np.testing.assert_array_equal(chunked.depth, res.depth)
+        np.testing.assert_array_equal(chunked.reached, res.reached)
+        np.testing.assert_array_equal(chunked.adc, res.adc)
 
 
 def test_fullwell_command_end_to_end(tmp_path, capsys):

@@ -111,3 +111,25 @@ def test_gain_command_needs_two_runs(tmp_path):
     args = _parser().parse_args(["calib", "gain", str(tmp_path), "--window", "8"])
     with pytest.raises(IoiError, match="two runs"):
         args.func(args)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 64, 130, 1000])
+def test_ptc_points_by_row_bands_equals_whole_sets(cds_pair, chunk_rows):
+    # windows are independent: any band height gives the whole-set result exactly
+    from ioi.calib.gain import ptc_points_rows
+
+    a, b, _ = cds_pair
+    a, b = a[:, :200], b[:, :200]  # 200 rows: the last partial window row is dropped
+    calls = []
+
+    def get_rows(y0, y1):
+        calls.append((y0, y1))
+        return a[:, y0:y1], b[:, y0:y1]
+
+    mean, var = ptc_points_rows(get_rows, a.shape, window=64, chunk_rows=chunk_rows)
+    m0, v0 = ptc_points(a, b, window=64)
+    assert mean.shape == (a.shape[0], 3, 4)
+    np.testing.assert_array_equal(mean, m0)
+    np.testing.assert_array_equal(var, v0)
+    assert calls[0][0] == 0 and calls[-1][1] == 192
+    assert all(y1 - y0 <= max(64, chunk_rows // 64 * 64) for y0, y1 in calls)

@@ -126,3 +126,42 @@ def test_linearity_command_no_files(tmp_path):
     with pytest.raises(IoiError, match="no Teledyne") as exc:
         args.func(args)
     assert exc.value.exit_code == 3
+
+
+def test_iter_ramp_signal_matches_ramp_signal():
+    # the read-by-read signal must be the whole-cube one exactly, saturation included
+    from ioi.calib.linearity import iter_ramp_signal
+
+    truth = synth.make_truth(24, seed=6, rate=900.0)  # ADC saturation before the last read
+    raw, t = synth.make_ramp(truth, nreads=12, seed=7, bias=20000.0, interval=5.0)
+    reads, sat = raw[:, 4:-4, 4:-4], raw[:, 4:-4, 4:-4] >= 65535
+    assert sat.any() and not sat.all()
+    whole = ramp_signal(reads, t, saturated=sat)
+    each = np.stack(list(iter_ramp_signal(zip(reads, sat), t)))
+    np.testing.assert_array_equal(each, whole)
+    with pytest.raises(IoiError, match="2 reads"):
+        list(iter_ramp_signal([(reads[0], None)], t))
+
+
+@pytest.mark.parametrize("nruns", [1, 2, 3])
+def test_median_signal_read_by_read_equals_median_of_whole_cubes(tmp_path, nruns):
+    # the command reads files one at a time (two runs folded into one cube); the
+    # result must be, bit for bit, the median over runs of ramp_signal of each
+    # run's reference-subtracted cube
+    from ioi.calib.commands import _median_signal
+    from ioi.stages.reference import strip_border, subtract_reference
+
+    truth = synth.make_truth(24, seed=8, rate=900.0)
+    sigs = []
+    for run in range(1, nruns + 1):
+        raw, t = synth.make_ramp(truth, nreads=10, seed=20 + run, bias=20000.0)
+        synth.write_teledyne(tmp_path / "utr", raw, t, run=run, noutputs=4)
+        raw = np.round(raw)  # as stored: integer ADC counts
+        reads = strip_border(subtract_reference(raw, method="RAMP", noutputs=4))
+        sigs.append(ramp_signal(reads, t, saturated=strip_border(raw >= 65535)))
+    expect = np.median(np.stack(sigs), axis=0)
+    sig, tt, header, run_ids = _median_signal(tmp_path / "utr", chunk_rows=7)
+    assert run_ids == list(range(1, nruns + 1)) and header["NOUTPUTS"] == 4
+    np.testing.assert_allclose(tt, t, atol=1e-3)
+    assert np.isnan(expect).any()
+    np.testing.assert_array_equal(sig, expect)

@@ -36,8 +36,10 @@ def polyfit_masked(x, y, mask, *, order: int, scale: float = 1.0, lowest: int = 
         Points used; a pixel with fewer points than free coefficients gets NaN.
     """
     w = mask.astype(np.float64)
-    xs = np.where(mask, x, 0.0).astype(np.float64) / scale
-    ys = np.where(mask, y, 0.0).astype(np.float64)
+    # no needless copies: these (npoints, npix) float64 arrays set a chunk's memory
+    xs = np.where(mask, x, 0.0).astype(np.float64, copy=False)
+    xs /= scale
+    ys = np.where(mask, y, 0.0).astype(np.float64, copy=False)
     powers = np.arange(lowest, order + 1)
     npar = powers.size
     npix = xs.shape[1]

@@ -104,17 +104,9 @@ def add_calib_parser(subparsers) -> None:
 
 
 # ----------------------------------------------------------------- shared loading
-def _load_runs(directory, *, runs=None, groups=None):
-    """Reference-subtracted, border-stripped reads of every Teledyne run in ``directory``.
-
-    Returns a list of dicts: run, reads (nreads, ny, nx) float32, saturated
-    (nreads, ny, nx) bool, inttime (nreads,), group (nreads,), header.
-    """
-    import numpy as np
-
+def _find_runs(directory, *, runs=None, groups=None):
+    """The Teledyne files of ``directory`` by run: a list of (run, files in read order)."""
     from ioi.discovery import scan_teledyne
-    from ioi.fitsio import read_raw
-    from ioi.stages.reference import strip_border, subtract_reference
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -126,40 +118,125 @@ def _load_runs(directory, *, runs=None, groups=None):
     by_run = {}
     for r in found:
         by_run.setdefault(r.run, []).append(r)
+    return sorted(by_run.items())
+
+
+def _corrected_reads(items):
+    """Yield ``(read, saturated, header)`` for each file of one run, one file at a time.
+
+    ``read``: float32 (ny, nx), reference-subtracted (RAMP: a read's correction
+    uses only its own reference rows, so reads are corrected one by one) and
+    border-stripped; ``saturated``: bool (ny, nx), ADC-saturated raw pixels;
+    ``header``: the run's first header (it gives NOUTPUTS).  Only one raw read
+    is in memory at a time.
+    """
+    from ioi.fitsio import read_raw
+    from ioi.stages.reference import strip_border, subtract_reference
+
+    header = shape = None
+    for r in items:  # loop over reads
+        data, hdr = read_raw(r.path)
+        if header is None:
+            header, shape = hdr, data.shape
+            if "NOUTPUTS" not in header:
+                raise InputError(f"NOUTPUTS missing in {items[0].path}", exit_code=ExitCode.NO_NOUTPUTS)
+        elif data.shape != shape:
+            raise InputError(f"raw file {r.path} is {data.shape}, the run's first read {shape}",
+                             exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+        sat = strip_border(data >= SATURATION)
+        read = strip_border(subtract_reference(data, method="RAMP", noutputs=int(header["NOUTPUTS"])))
+        yield read, sat, header
+
+
+def _load_runs(directory, *, runs=None, groups=None):
+    """Reference-subtracted, border-stripped reads of every Teledyne run in ``directory``.
+
+    Returns a list of dicts: run, reads (nreads, ny, nx) float32, first_sat
+    (ny, nx) int16 (index of each pixel's first ADC-saturated read; nreads if
+    none), inttime (nreads,), group (nreads,), header.  Reads are corrected one
+    at a time straight into the run's cube: no raw or float64 cube is held.
+    """
+    import numpy as np
+
     out = []
-    for run, items in sorted(by_run.items()):  # loop over runs, then reads
-        raw = []
-        header = None
-        for r in items:
-            data, hdr = read_raw(r.path)
-            raw.append(data)
-            header = header or hdr
-        raw = np.stack(raw)
-        if "NOUTPUTS" not in header:
-            raise InputError(f"NOUTPUTS missing in {items[0].path}", exit_code=ExitCode.NO_NOUTPUTS)
-        sat = strip_border(raw >= SATURATION)
-        reads = strip_border(subtract_reference(raw, method="RAMP", noutputs=int(header["NOUTPUTS"])))
-        out.append({"run": run, "reads": reads.astype(np.float32), "saturated": sat,
+    for run, items in _find_runs(directory, runs=runs, groups=groups):  # loop over runs, then reads
+        nreads = len(items)
+        reads = first_sat = header = None
+        for k, (read, sat, hdr) in enumerate(_corrected_reads(items)):
+            if reads is None:
+                header = hdr
+                reads = np.empty((nreads,) + read.shape, dtype=np.float32)
+                first_sat = np.full(read.shape, nreads, dtype=np.int16)
+            reads[k] = read
+            first_sat[sat & (first_sat > k)] = k
+        out.append({"run": run, "reads": reads, "first_sat": first_sat,
                     "inttime": np.array([r.inttime for r in items]), "group": np.array([r.group for r in items]),
                     "header": header, "paths": [r.path for r in items]})
     log.info("read %d run(s) from %s", len(out), directory)
     return out
 
 
-def _median_signal(runs):
-    """Median over runs of the signal since reset: ((nreads, ny, nx), inttime, header)."""
+def _saturated_since(run, n, rows=slice(None)):
+    """Reads 0..n-1 of ``run`` at or after each pixel's first saturated read: bool (n, nrows, nx)."""
     import numpy as np
 
-    from ioi.calib.linearity import ramp_signal
+    return np.arange(n)[:, None, None] >= run["first_sat"][None, rows]
 
-    n = min(len(r["inttime"]) for r in runs)
-    t = runs[0]["inttime"][:n]
-    for r in runs[1:]:
-        if not np.allclose(r["inttime"][:n], t, atol=1e-3):
-            raise InputError(f"run {r['run']} has different INTTIMEs from run {runs[0]['run']}")
-    sigs = [ramp_signal(r["reads"][:n], t, saturated=r["saturated"][:n]) for r in runs]
-    sig = sigs[0] if len(sigs) == 1 else np.median(np.stack(sigs), axis=0)  # NaN (saturated) propagates
-    return sig, t, runs[0]["header"]
+
+def _median_signal(directory, *, runs=None, chunk_rows=64):
+    """Median over runs of the signal since reset, read file by file.
+
+    Returns (signal float32 (nreads, ny, nx), inttime (nreads,), header of the
+    first run, run numbers).  Each run's signal is built one read at a time
+    (:func:`ioi.calib.linearity.iter_ramp_signal`); with two runs (the usual
+    case) the second is folded into the first as it is read, since the median
+    of two values is their mean (float32, bit for bit what ``np.median``
+    gives), so one signal cube is all that is held.  With three or more runs
+    every run's cube is kept and the median taken in row bands.
+    """
+    import numpy as np
+
+    from ioi.calib.linearity import iter_ramp_signal
+
+    found = _find_runs(directory, runs=runs)
+    n = min(len(items) for _, items in found)
+    t = np.array([r.inttime for r in found[0][1][:n]])
+    for run, items in found[1:]:
+        if not np.allclose(np.array([r.inttime for r in items[:n]]), t, atol=1e-3):
+            raise InputError(f"run {run} has different INTTIMEs from run {found[0][0]}")
+    sigs = []
+    header = None
+    for j, (run, items) in enumerate(found):  # loop over runs, then reads
+        fold = j == 1 and len(found) == 2
+        cube = sigs[0] if fold else None
+        headers = []
+
+        def pairs(items=items, headers=headers):
+            for read, sat, hdr in _corrected_reads(items[:n]):  # loop over reads
+                headers.append(hdr)
+                yield read, sat
+
+        for k, s in enumerate(iter_ramp_signal(pairs(), t)):
+            if sigs and s.shape != sigs[0].shape[1:]:
+                raise InputError(f"run {run} has frames of {s.shape}, run {found[0][0]} {sigs[0].shape[1:]}",
+                                 exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+            if cube is None:
+                cube = np.empty((n,) + s.shape, dtype=np.float32)
+                sigs.append(cube)
+            if fold:
+                cube[k] += s  # NaN (saturated) propagates, as in np.median
+                cube[k] *= np.float32(0.5)
+            else:
+                cube[k] = s
+        if header is None:
+            header = headers[0]
+    sig = sigs[0]
+    if len(sigs) > 2:
+        for y0 in range(0, sig.shape[1], chunk_rows):  # row bands bound the stacked copy
+            rows = slice(y0, y0 + chunk_rows)
+            sig[:, rows] = np.median(np.stack([c[:, rows] for c in sigs]), axis=0)  # NaN propagates
+    log.info("read %d run(s) from %s", len(found), directory)
+    return sig, t, header, [run for run, _ in found]
 
 
 def _check_outputs(paths, clobber):
@@ -185,13 +262,12 @@ def cmd_linearity(args) -> int:
     out = Path(args.out)
     names = [out / "lin_coeffs.fits", out / "lin.fits", out / "lin_bad.fits"]
     _check_outputs(names, getattr(args, "clobber", False))
-    runs = _load_runs(args.ramp_dir, runs=args.runs)
-    sig, t, header = _median_signal(runs)
+    sig, t, _, run_ids = _median_signal(args.ramp_dir, runs=args.runs)
     res = fit_linearity(sig, t, time_window=args.time_window, adu_window=args.adu_window, order=args.order,
                         bad_threshold=args.bad_threshold, rate_sigma=args.rate_sigma,
                         outlier_sigma=args.outlier_sigma)
     hdr = fits.Header()
-    hdr["LINRUNS"] = (",".join(str(r["run"]) for r in runs), "UTR runs used")
+    hdr["LINRUNS"] = (",".join(str(r) for r in run_ids), "UTR runs used")
     hdr["LINTWIN"] = (f"{args.time_window[0]:g},{args.time_window[1]:g}", "time window (s) of ideal fit")
     hdr["LINAWIN"] = (f"{args.adu_window[0]:g},{args.adu_window[1]:g}", "ADU window of polynomial fit")
     hdr["LINORDER"] = (args.order, "polynomial order observed -> ideal")
@@ -290,7 +366,11 @@ def cmd_flat(args) -> int:
 
 # ----------------------------------------------------------------- gain
 def _gain_points(args):
-    """Matched difference-image sets (a, b), times, first_time, reads_per_image, header."""
+    """Matched difference-image sets by rows: get_rows, shape, times, first_time, reads_per_image, header.
+
+    ``get_rows(y0, y1)`` returns rows ``y0:y1`` of the two sets, each float32
+    (npoints, y1 - y0, nx); ``shape`` is each whole set's (npoints, ny, nx).
+    """
     import numpy as np
 
     runs = []
@@ -302,13 +382,20 @@ def _gain_points(args):
                              exit_code=ExitCode.NO_SUITABLE_FILES)
         r1, r2 = runs[0], runs[1]
         n = min(len(r1["inttime"]), len(r2["inttime"]))
-        cds = []
-        for r in (r1, r2):
-            c = (r["reads"][1:n] - r["reads"][0]).astype(np.float32)
-            c[np.logical_or.accumulate(r["saturated"][:n], axis=0)[1:]] = np.nan
-            cds.append(c)
+        if r1["reads"].shape[1:] != r2["reads"].shape[1:]:
+            raise InputError(f"runs {r1['run']} and {r2['run']} have frames of {r1['reads'].shape[1:]} and "
+                             f"{r2['reads'].shape[1:]}", exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+
+        def get_rows(y0, y1):
+            cds = []
+            for r in (r1, r2):  # CDS of reads 2..n against read 1, NaN from the first saturated read on
+                c = r["reads"][1:n, y0:y1] - r["reads"][0, y0:y1]
+                c[_saturated_since(r, n, slice(y0, y1))[1:]] = np.nan
+                cds.append(c)
+            return cds[0], cds[1]
+
         t = r1["inttime"][1:n]
-        return cds[0], cds[1], t, float(r1["inttime"][0]), 1, r1["header"]
+        return get_rows, (n - 1,) + r1["reads"].shape[1:], t, float(r1["inttime"][0]), 1, r1["header"]
     # Fowler: each run is one exposure (group 1 pedestal, group 2 signal); pair runs of equal time
     images = {}
     for r in runs:
@@ -326,7 +413,7 @@ def _gain_points(args):
     a = np.stack([v[0][0] for _, v in pairs])
     b = np.stack([v[1][0] for _, v in pairs])
     t = np.array([k for k, _ in pairs])
-    return a, b, t, 0.0, pairs[0][1][0][1], runs[0]["header"]
+    return (lambda y0, y1: (a[:, y0:y1], b[:, y0:y1])), a.shape, t, 0.0, pairs[0][1][0][1], runs[0]["header"]
 
 
 def _gauss_fit(values):
@@ -351,11 +438,11 @@ def _gauss_fit(values):
 def cmd_gain(args) -> int:
     import json
 
-    from ioi.calib.gain import asicgain_db, fit_ptc, ptc_points, theoretical_gain
+    from ioi.calib.gain import asicgain_db, fit_ptc, ptc_points_rows, theoretical_gain
     from ioi.frame import GAIN_BY_ASICGAIN
 
-    a, b, t, t1, nper, header = _gain_points(args)
-    mean, var = ptc_points(a, b, window=args.window)
+    get_rows, shape, t, t1, nper, header = _gain_points(args)
+    mean, var = ptc_points_rows(get_rows, shape, window=args.window)
     res = fit_ptc(mean, var, adu_range=args.adu_range, times=t, first_time=t1,
                   linearize=not args.no_linearize, reads_per_image=nper)
     summary = dict(res.summary)
@@ -434,8 +521,7 @@ def cmd_fullwell(args) -> int:
     out = Path(args.out)
     names = [out / "fullwell.fits", out / "fullwell_hist.png"]
     _check_outputs(names[:1], args.clobber)
-    runs = _load_runs(args.ramp_dir, runs=args.runs)
-    sig, t, header = _median_signal(runs)
+    sig, _, header, _ = _median_signal(args.ramp_dir, runs=args.runs)
     res = full_well(sig)
     gain = args.gain
     if gain is None and "ASICGAIN" in header:

@@ -66,10 +66,45 @@ def ptc_points(images_a, images_b, *, window: int = 50, clip: float = 5.0):
     if a.shape != b.shape or a.ndim != 3:
         raise StageError(f"photon transfer needs two matching (npoints, ny, nx) sets; got {a.shape} and {b.shape}",
                          exit_code=ExitCode.DATA_SHAPE_MISMATCH)
-    n, ny, nx = a.shape
+    return ptc_points_rows(lambda y0, y1: (a[:, y0:y1], b[:, y0:y1]), a.shape, window=window, clip=clip)
+
+
+def ptc_points_rows(get_rows, shape, *, window: int = 50, clip: float = 5.0, chunk_rows: int = 64):
+    """:func:`ptc_points` on image sets produced one band of rows at a time.
+
+    ``get_rows(y0, y1)`` returns ``(a_rows, b_rows)``, each ``(npoints, y1 -
+    y0, nx)``; ``shape`` is each whole set's ``(npoints, ny, nx)``.  Bands are
+    whole rows of windows, at least one and about ``chunk_rows`` pixel rows, so
+    only one band's float64 work arrays exist at a time; every window is
+    independent, so the result equals :func:`ptc_points` on the whole sets.
+    """
+    if len(shape) != 3:
+        raise StageError(f"photon transfer needs (npoints, ny, nx) sets; got {tuple(shape)}",
+                         exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+    n, ny, nx = shape
     nwy, nwx = ny // window, nx // window
     if nwy == 0 or nwx == 0:
         raise StageError(f"window {window} px is larger than the image {ny}x{nx}", exit_code=ExitCode.USAGE)
+    mean = np.empty((n, nwy, nwx))
+    var = np.empty((n, nwy, nwx))
+    step = max(1, int(chunk_rows) // window)  # window rows per band
+    for w0 in range(0, nwy, step):  # bands of window rows bound memory
+        w1 = min(nwy, w0 + step)
+        a, b = get_rows(w0 * window, w1 * window)
+        a = np.asarray(a)
+        b = np.asarray(b)
+        want = (n, (w1 - w0) * window, nx)
+        if a.shape != want or b.shape != want:
+            raise StageError(f"image rows {w0 * window}:{w1 * window} have shapes {a.shape} and {b.shape}, "
+                             f"expected {want}", exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+        mean[:, w0:w1], var[:, w0:w1] = _ptc_band(a, b, window, clip)
+    return mean, var
+
+
+def _ptc_band(a, b, window, clip):
+    """Per-window mean and half-variance of one band ``(npoints, k * window, nx)``."""
+    n, ny, nx = a.shape
+    nwy, nwx = ny // window, nx // window
     shape = (n, nwy, window, nwx, window)
     crop = (slice(None), slice(0, nwy * window), slice(0, nwx * window))
     sa = a[crop].astype(np.float64).reshape(shape)
@@ -85,6 +120,7 @@ def ptc_points(images_a, images_b, *, window: int = 50, clip: float = 5.0):
         mad = bn.nanmedian(np.abs(d - med[..., None]), axis=-1) * 1.4826
         with np.errstate(invalid="ignore"):
             keep = np.abs(d - med[..., None]) <= clip * mad[..., None]
+        del d
         ok &= keep.reshape(n, nwy, nwx, window, window).transpose(0, 1, 3, 2, 4)
     cnt = ok.sum(axis=(2, 4))
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -22,6 +22,7 @@ ideal is then fitted inside the ADU window.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 import numpy as np
@@ -68,14 +69,67 @@ def ramp_signal(reads, inttime, *, lost_time=None, saturated=None) -> np.ndarray
             f"a UTR run needs >= 2 reads with one INTTIME each; got reads {reads.shape}, inttime {t.shape}",
             exit_code=ExitCode.TOO_FEW_FILES_CDS,
         )
+    sats = itertools.repeat(None) if saturated is None else np.asarray(saturated, dtype=bool)
+    if saturated is not None and sats.shape != reads.shape:
+        raise StageError(f"saturation flags {sats.shape} do not match reads {reads.shape}",
+                         exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+    sig = np.empty(reads.shape, dtype=np.float32)
+    for k, s in enumerate(iter_ramp_signal(zip(reads, sats), t, lost_time=lost_time)):  # loop over reads
+        sig[k] = s
+    return sig
+
+
+def iter_ramp_signal(reads, inttime, *, lost_time=None):
+    """:func:`ramp_signal` one read at a time, for reads that arrive one by one.
+
+    Parameters
+    ----------
+    reads : iterable of (read, saturated) pairs
+        ``read``: a reference-subtracted read, ndarray (ny, nx), in INTTIME
+        order (e.g. read from disk one at a time, so that the run's cube is
+        never held); ``saturated``: its ADC-saturated pixels, bool ndarray
+        (ny, nx), or None.  A saturated pixel is NaN in that and every later read.
+    inttime : array, (nreads,)
+        Seconds since the reset of each read (only the first two are used).
+    lost_time : float, optional
+        As for :func:`ramp_signal`.
+
+    Yields
+    ------
+    ndarray, float32, (ny, nx)
+        The signal of each read, the values :func:`ramp_signal` gives (the
+        first one once the second read has arrived, to know the rate).
+    """
+    t = np.asarray(inttime, dtype=np.float64)
+    if t.ndim != 1 or t.size < 2:
+        raise StageError(f"a UTR run needs >= 2 reads with one INTTIME each; got inttime {t.shape}",
+                         exit_code=ExitCode.TOO_FEW_FILES_CDS)
     if lost_time is None:
         lost_time = float(t[0])
-    first = reads[0].astype(np.float64)
-    rate = (reads[1] - first) / (t[1] - t[0])
-    sig = (reads.astype(np.float64) - first) + rate * lost_time
-    sig = sig.astype(np.float32)
-    if saturated is not None:
-        bad = np.logical_or.accumulate(np.asarray(saturated, dtype=bool), axis=0)
+    first = rate = bad = bad_first = None
+    nreads = 0
+    for k, (read, saturated) in enumerate(reads):  # loop over reads
+        nreads = k + 1
+        if saturated is not None:
+            s = np.asarray(saturated, dtype=bool)
+            bad = s.copy() if bad is None else bad | s  # saturated here or earlier
+        if k == 0:
+            first = np.asarray(read).astype(np.float64)
+            bad_first = bad
+            continue
+        if k == 1:
+            rate = (read - first) / (t[1] - t[0])
+            yield _read_signal(first, first, rate, lost_time, bad_first)
+        yield _read_signal(read, first, rate, lost_time, bad)
+    if nreads < 2:
+        raise StageError(f"a UTR run needs >= 2 reads with one INTTIME each; got {nreads} read(s)",
+                         exit_code=ExitCode.TOO_FEW_FILES_CDS)
+
+
+def _read_signal(read, first, rate, lost_time, bad):
+    """float32 (ny, nx) signal since reset of one read; NaN where ``bad``."""
+    sig = ((np.asarray(read).astype(np.float64) - first) + rate * lost_time).astype(np.float32)
+    if bad is not None:
         sig[bad] = np.nan
     return sig
 
@@ -122,6 +176,7 @@ def _fit_chunk(sig, t, time_window, adu_window, order, bad_threshold, rate_sigma
     # otherwise be fitted by the polynomial's low-order terms.
     coeffs, n_a = polyfit_masked(model, ideal, in_a, order=order, scale=max(abs(adu_window[1]), 1.0),
                                   lowest=0 if fit_constant else 1)
+    del model  # free each work array once used: they set the memory of a chunk
     no_points = (n_t < 2) | (n_a < order + int(fit_constant)) | ~np.all(np.isfinite(coeffs), axis=0)
     identity = np.zeros((order + 1, 1))
     identity[1] = 1.0
@@ -136,11 +191,15 @@ def _fit_chunk(sig, t, time_window, adu_window, order, bad_threshold, rate_sigma
     corrected = polyval(data_coeffs[:, None, :], sig)
     with np.errstate(invalid="ignore", divide="ignore"):
         res = np.abs(corrected - ideal) / np.abs(ideal) * 100.0
+    del corrected
     res = np.where(in_a & (ideal != 0), res, np.nan)
+    del ideal, in_a, finite, in_t
     # np.nanmedian warns on all-NaN columns; those pixels are NO_POINTS anyway
     filled = np.where(np.isnan(res), np.inf, res)
     cnt = np.isfinite(res).sum(axis=0)
-    srt = np.sort(filled, axis=0)
+    del res
+    filled.sort(axis=0)  # in place: `filled` is private
+    srt = filled
     lo = np.clip((cnt - 1) // 2, 0, nreads - 1)
     hi = np.clip(cnt // 2, 0, nreads - 1)
     cols = np.arange(npix)
