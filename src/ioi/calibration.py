@@ -32,10 +32,10 @@ class Calibration:
 
     def check_shape(self, shape) -> None:
         """Raise exit 29 when the science frame does not match the calibration arrays."""
-        for what, arr in (("flat", self.flat), ("linearity coefficients", self.lin_coeffs),
-                          *((f"{k} mask", v) for k, v in self.masks.items())):
+        for what, key, arr in (("flat", "flat", self.flat), ("linearity coefficients", "lin", self.lin_coeffs),
+                               *((f"{k} mask", f"mask_{k.lower()}", v) for k, v in self.masks.items())):
             if arr is not None and arr.shape[-2:] != tuple(shape):
-                src = self.files.get(what.split()[0].lower(), "")
+                src = self.files.get(key, "")
                 raise IoiError(f"science frame shape {tuple(shape)} does not match {what} shape "
                                f"{arr.shape[-2:]} ({src})", exit_code=ExitCode.DATA_SHAPE_MISMATCH)
 

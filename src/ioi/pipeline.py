@@ -58,7 +58,7 @@ class _Quit(Exception):
 
 
 class _Run:
-    """Bookkeeping for one multrun: timings, warnings, provenance keywords."""
+    """Bookkeeping for one multrun: stage timings and non-fatal warnings."""
 
     def __init__(self, result: ReductionResult):
         self.result = result
