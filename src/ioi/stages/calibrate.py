@@ -54,18 +54,27 @@ def apply_flat(frame: Frame, flat, *, path=None) -> Frame:
     flat = np.asarray(flat)
     check_calibration_shape(flat, frame.shape, what="flat field", path=path,
                             exit_code=ExitCode.FLAT_SHAPE_MISMATCH)
-    f = flat.astype(np.float64)
-    bad = ~(np.isfinite(f) & (f > 0))
-    f[bad] = np.nan
-    science = (frame.science / f).astype(np.float32)
-    variance = (frame.variance / f**2).astype(np.float32)
-    quality = frame.quality.copy()
-    quality[bad] |= np.uint32(DQ.NO_FLAT | DQ.DO_NOT_USE)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(flat) & (flat > 0))
+    any_bad = bool(bad.any())
+    # science / flat and variance / flat^2, straight into new arrays (float32
+    # for a float32 flat: one rounding per division instead of float64 then float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        science = np.asarray(np.divide(frame.science, flat), dtype=np.float32)
+        variance = np.asarray(np.divide(frame.variance, flat), dtype=np.float32)
+        np.divide(variance, flat, out=variance, casting="unsafe")
+    # quality unchanged unless a pixel is flagged: shared, not copied (frames are never changed in place)
+    quality = frame.quality
+    if any_bad:
+        idx = np.flatnonzero(bad)
+        science.reshape(-1)[idx] = np.nan
+        variance.reshape(-1)[idx] = np.nan
+        quality = _with_flags(frame.quality, idx, DQ.NO_FLAT | DQ.DO_NOT_USE)
     header = frame.header.copy()
     header["L1FLAT"] = (1, "Flat field applied")
     if path is not None:
         header["L1FLATF"] = (os.path.basename(str(path)), "Flat field file")
-    if bad.any():
+    if any_bad:
         log.debug("flat: %d pixel(s) <= 0 or non-finite set to NaN", int(bad.sum()))
     return frame.replace(science=science, variance=variance, quality=quality, header=header)
 
@@ -90,11 +99,31 @@ def combined_bad_pixel_mask(masks: Mapping, shape) -> np.ndarray:
         mask = np.asarray(mask)
         check_calibration_shape(mask, shape, what=f"bad-pixel mask {name}", path=None,
                                 exit_code=ExitCode.MASK_SHAPE_MISMATCH)
-        bad |= ~np.isfinite(mask) | (mask == 0)
+        good = np.isfinite(mask)
+        good &= mask != 0
+        bad |= ~good
     return bad
 
 
-def apply_bad_pixel_masks(frame: Frame, masks: Mapping) -> Frame:
+def _with_flags(quality, flat_index, flags) -> np.ndarray:
+    """A copy of ``quality`` with ``flags`` ORed in at ``flat_index`` (indices into the raveled frame).
+
+    Flat indices rather than a boolean mask: an in-place OR through a boolean
+    index gathers and scatters by the mask twice, about 5 times slower.
+    """
+    out = np.array(quality, dtype=np.uint32, order="C", copy=True)
+    out.reshape(-1)[flat_index] |= np.uint32(flags)
+    return out
+
+
+def _nan_at(plane, flat_index) -> np.ndarray:
+    """A float32 copy of ``plane`` with NaN at ``flat_index``."""
+    out = np.array(plane, dtype=np.float32, order="C", copy=True)
+    out.reshape(-1)[flat_index] = np.nan
+    return out
+
+
+def apply_bad_pixel_masks(frame: Frame, masks: Mapping, *, bad=None) -> Frame:
     """Set pixels bad in any of ``masks`` to NaN (the original multiplies the
     1/NaN masks into the data; the result is the same).
 
@@ -104,6 +133,10 @@ def apply_bad_pixel_masks(frame: Frame, masks: Mapping) -> Frame:
         Science ``(ny, nx)``.
     masks : mapping of name -> array_like (ny, nx)
         1 = good, NaN (or 0) = bad; see :func:`combined_bad_pixel_mask`.
+    bad : ndarray of bool (ny, nx), optional
+        ``combined_bad_pixel_mask(masks, frame.shape)`` when the caller has
+        already computed it (once for all the frames of a run); ``masks``
+        then only names the masks in the header.
 
     Returns
     -------
@@ -117,15 +150,18 @@ def apply_bad_pixel_masks(frame: Frame, masks: Mapping) -> Frame:
     IoiError
         exit code 26 (or 29) naming the mask and both shapes.
     """
-    bad = combined_bad_pixel_mask(masks, frame.shape)
-    science = frame.science.copy()
-    variance = frame.variance.copy()
-    quality = frame.quality.copy()
-    science[bad] = np.nan
-    variance[bad] = np.nan
-    quality[bad] |= np.uint32(DQ.MASKED | DQ.DO_NOT_USE)
+    if bad is None:
+        bad = combined_bad_pixel_mask(masks, frame.shape)
+    else:
+        bad = np.asarray(bad, dtype=bool)
+        check_calibration_shape(bad, frame.shape, what="combined bad-pixel mask", path=None,
+                                exit_code=ExitCode.MASK_SHAPE_MISMATCH)
+    idx = np.flatnonzero(bad)
+    science = _nan_at(frame.science, idx)
+    variance = _nan_at(frame.variance, idx)
+    quality = _with_flags(frame.quality, idx, DQ.MASKED | DQ.DO_NOT_USE)
     header = frame.header.copy()
     header["L1BADPX"] = (int(bool(masks)), "Bad-pixel masks applied")
     header["L1BADPXW"] = (",".join(str(k) for k in masks), "Bad-pixel masks used")
-    log.debug("bad-pixel masks %s: %d pixel(s) masked", ",".join(map(str, masks)), int(bad.sum()))
+    log.debug("bad-pixel masks %s: %d pixel(s) masked", ",".join(map(str, masks)), idx.size)
     return frame.replace(science=science, variance=variance, quality=quality, header=header)

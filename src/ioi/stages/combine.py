@@ -16,10 +16,17 @@ Saturated reads are never used.  A pixel whose reads are all unusable for
 the chosen method falls back to ``count_rate x EXPTIME`` when the first two
 reads are unsaturated (flag SATURATED), else it becomes NaN with
 SATURATED | DO_NOT_USE.
+
+Precision: CDS and Fowler work in float32 row chunks (the common case, every
+pair usable, on all pixels; the few pixels with a saturated read redone in
+float64).  Against a float64 evaluation the science differs by a few 1e-7 of
+its value (< 1e-4 of the noise at full scale) and the variance by < 1e-6 of
+itself.  UTR works in float64.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -122,44 +129,227 @@ def count_rate(ramp: Ramp) -> np.ndarray:
     return _rate64(ramp).astype(np.float32)
 
 
-def _fallback(ramp, sat, pixels, *, exptime, gain, read_noise, linearity, rate, form="DIFFERENCE"):
-    """Counts, variance and usability for ``pixels`` (tuple of index arrays)
-    from the first two reads: corrected rate x ``exptime``."""
-    t0, t1 = float(ramp.inttime[0]), float(ramp.inttime[1])
-    x = ramp.reads[1][pixels].astype(np.float64) - ramp.reads[0][pixels]
-    factor = np.ones_like(x)
-    if linearity is not None:
-        factor = horner_factor(x, linearity[(slice(None),) + pixels], rate[pixels] * t0, form=form)
-    scale = exptime / (t1 - t0)
-    counts = x * factor * scale
-    var = (2.0 * read_noise**2 + np.maximum(x, 0.0) / gain) * (factor * scale) ** 2
-    ok = ~sat[0][pixels] & ~sat[1][pixels]
-    return counts, var, ok
-
-
-def _finish(science, variance, quality, pixels, counts, var, ok):
-    """Write fallback results into the output arrays (in place, private arrays)."""
-    ok_pix = tuple(p[ok] for p in pixels)
-    bad_pix = tuple(p[~ok] for p in pixels)
-    science[ok_pix] = counts[ok]
-    variance[ok_pix] = var[ok]
-    quality[pixels] |= np.uint32(DQ.SATURATED)
-    science[bad_pix] = np.nan
-    variance[bad_pix] = np.nan
-    quality[bad_pix] |= np.uint32(DQ.DO_NOT_USE)
-
-
 def _make_frame(ramp, science, variance, quality, *, exptime, method, pairs, linearity, extra=None):
     header = update_combined_header(ramp.header, exptime=exptime, method=method, pairs=pairs)
     header["L1LCOR"] = (int(linearity is not None), "Nonlinearity corrected in combination")
     for key, value in (extra or {}).items():
         header[key] = value
     return Frame(
-        science=science.astype(np.float32),
-        variance=variance.astype(np.float32),
+        science=np.asarray(science, dtype=np.float32),
+        variance=np.asarray(variance, dtype=np.float32),
         quality=quality,
         header=header,
     )
+
+
+# --------------------------------------------------------------------------- CDS and Fowler pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+    """The per-exposure constants of a CDS or Fowler combination (pairs of reads).
+
+    CDS is one pair (first read, last read); Fowler-n is n pairs (pedestal
+    read k, signal read k).  Every per-pixel operation is on the reads of that
+    pixel only, so any split of the frame gives the same result.
+    """
+
+    ped: tuple  # index of each pair's first (pedestal) read
+    sig: tuple  # index of each pair's second (signal) read
+    t: np.ndarray  # INTTIME of every read, float64
+    bodge: float
+    gain: float
+    read_noise: float
+    form: str
+
+    @property
+    def npairs(self) -> int:
+        return len(self.ped)
+
+    @property
+    def dts(self) -> np.ndarray:
+        return self.t[list(self.sig)] - self.t[list(self.ped)]
+
+    @property
+    def dt_mean(self) -> float:
+        return float(self.dts.mean())
+
+    @property
+    def exptime(self) -> float:
+        return self.dt_mean + float(self.bodge)
+
+    @property
+    def overlap(self) -> np.ndarray:
+        """(pairs, pairs): time shared by the intervals [t_ped_k, t_sig_k] and [t_ped_l, t_sig_l]."""
+        ts, tp = self.t[list(self.sig)], self.t[list(self.ped)]
+        return np.clip(np.minimum.outer(ts, ts) - np.maximum.outer(tp, tp), 0.0, None)
+
+
+def _combine_pairs(ramp: Ramp, linearity, plan: _Pairs, chunk_rows: int):
+    """Science, variance (float32) and quality of a CDS/Fowler combination.
+
+    Works in row chunks of ``chunk_rows``: the float32 work arrays of a chunk
+    stay in the cache, and the chunks run on the machine's cores (numpy
+    releases the GIL in its loops).  Each chunk writes its rows of the
+    output; the pixels with a saturated read are then redone together.
+    ``ramp``'s arrays may be views (e.g. of a frame with its border).
+    """
+    ny, nx = ramp.reads.shape[1:]
+    science = np.empty((ny, nx), dtype=np.float32)
+    variance = np.empty((ny, nx), dtype=np.float32)
+    quality = np.zeros((ny, nx), dtype=np.uint32) if ramp.quality is None else np.empty((ny, nx), dtype=np.uint32)
+    sat = None if ramp.saturated is None else np.asarray(ramp.saturated, dtype=bool)
+
+    def part(r0):
+        rows = slice(r0, min(ny, r0 + chunk_rows))
+        if ramp.quality is not None:
+            quality[rows] = ramp.quality[rows]  # the input flags, copied chunk by chunk
+        flat = _pairs_chunk(ramp.reads[:, rows], None if sat is None else sat[:, rows],
+                            None if linearity is None else linearity[:, rows], plan, science[rows], variance[rows])
+        return flat + r0 * nx  # flat indices into the frame
+
+    starts = range(0, ny, max(1, int(chunk_rows)))
+    workers = min(os.cpu_count() or 1, len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            irregular = list(pool.map(part, starts))
+    else:
+        irregular = [part(r0) for r0 in starts]
+    irregular = np.concatenate(irregular)
+    if irregular.size:  # all chunks' pixels with a saturated read at once: one set of small-array calls
+        _pairs_irregular(ramp.reads, sat, linearity, plan, np.divmod(irregular, nx), science, variance, quality)
+    return science, variance, quality
+
+
+def _pairs_chunk(reads, sat, linearity, plan: _Pairs, science, variance) -> np.ndarray:
+    """One row chunk: ``reads`` (nreads, rows, nx), ``sat`` likewise or None,
+    ``linearity`` (order+1, rows, nx) or None; writes ``science`` and
+    ``variance`` (rows, nx) and returns the flat indices (into the chunk) of
+    the pixels with a saturated read in a pair.
+
+    Every pixel is first combined as if all its pairs were usable, in float32
+    (a difference of two reads is rounded by at most 2^-9 ADU; the linearity factor
+    is evaluated without cancellation, see
+    :func:`ioi.stages.nonlinearity.horner_factor`, so its relative error is a
+    few 1e-7, far below the noise).  The few pixels with a saturated read
+    are redone afterwards in float64 by :func:`_pairs_irregular`.
+    """
+    f32 = np.float32
+    n = plan.npairs
+    t = plan.t
+    if linearity is not None:
+        # lost charge of pair k = rate x INTTIME(pedestal k), rate from reads 1 and 2
+        d01 = np.subtract(reads[1], reads[0], dtype=f32)
+        dt01 = float(t[1] - t[0])
+    observed = total = fsum = None
+    for p, s in zip(plan.ped, plan.sig):
+        x = np.subtract(reads[s], reads[p], dtype=f32)
+        if linearity is None:
+            observed = x if observed is None else np.add(observed, x, out=observed)
+            continue
+        lost = np.multiply(d01, f32(t[p] / dt01))
+        factor = horner_factor(x, linearity, lost, form=plan.form, dtype=f32)
+        fsum = factor.copy() if fsum is None else np.add(fsum, factor, out=fsum)
+        corrected = np.multiply(factor, x, out=factor)
+        total = corrected if total is None else np.add(total, corrected, out=total)
+        observed = x if observed is None else np.add(observed, x, out=observed)
+    if total is None:
+        total = observed
+    # all pairs used: time used = mean pair time, so the rescaling of
+    # combine_fowler is (dt_mean + bodge) / (time_used + bodge), 1 up to rounding
+    time_used = float(np.sum(plan.dts)) / n
+    scale = (plan.dt_mean + plan.bodge) / (time_used + plan.bodge) / n
+    np.multiply(total, f32(scale), out=science)
+    # variance = (2 rn^2 / n + max(observed / n, 0) / time / gain * cov / n^2) * mean_factor^2
+    poisson = float(plan.overlap.sum()) / (time_used * plan.gain * n**3)
+    np.maximum(observed, f32(0.0), out=variance)
+    variance *= f32(poisson)
+    variance += f32(2.0 * plan.read_noise**2 / n)
+    if fsum is not None:
+        fsum *= f32(1.0 / n)
+        fsum *= fsum
+        variance *= fsum
+    if sat is None:
+        return np.zeros(0, dtype=np.intp)
+    unusable = np.logical_or(sat[plan.ped[0]], sat[plan.sig[0]])
+    for p, s in zip(plan.ped[1:], plan.sig[1:]):
+        unusable |= sat[p]
+        unusable |= sat[s]
+    # flat indices (np.nonzero of a 2-D mask is ~15 times slower)
+    return np.flatnonzero(unusable)
+
+
+def _pairs_irregular(reads, sat, linearity, plan: _Pairs, pixels, science, variance, quality) -> None:
+    """Redo ``pixels`` (tuple of index arrays) that have a saturated read, in float64.
+
+    A pair with a saturated read is dropped; the remaining pairs are averaged
+    and rescaled to the mean pair time; the Poisson covariance is summed over
+    the pairs used.  A pixel with no usable pair falls back to the count rate
+    of the first two reads (:func:`_fallback`).
+    """
+    every = (slice(None),) + pixels
+    r = reads[every]  # (nreads, m)
+    sat = sat[every]
+    coeff = None if linearity is None else linearity[every]
+    t = plan.t
+    n = plan.npairs
+    dts = plan.dts
+    dt_mean, bodge = plan.dt_mean, plan.bodge
+    rate = (r[1].astype(np.float64) - r[0]) / (t[1] - t[0]) if coeff is not None else None
+    m = r.shape[1]
+    total = np.zeros(m)  # sum of corrected pairs used
+    observed = np.zeros(m)  # sum of observed pairs used
+    fsum = np.zeros(m)  # sum of factors of pairs used
+    tsum = np.zeros(m)  # sum of pair times used
+    used = np.empty((n, m), dtype=bool)
+    for k, (p, s) in enumerate(zip(plan.ped, plan.sig)):
+        x = r[s].astype(np.float64) - r[p]
+        use = ~(sat[s] | sat[p])
+        used[k] = use
+        factor = horner_factor(x, coeff, rate * t[p], form=plan.form) if coeff is not None else 1.0
+        observed += np.where(use, x, 0.0)
+        total += np.where(use, x * factor, 0.0)
+        fsum += np.where(use, factor, 0.0)
+        tsum += use * dts[k]
+    nused = used.sum(axis=0)
+    overlap = plan.overlap
+    with np.errstate(divide="ignore", invalid="ignore"):
+        time_used = tsum / nused
+        sci = total / nused * ((dt_mean + bodge) / (time_used + bodge))
+        mean_obs = np.maximum(observed / nused, 0.0)
+        mean_factor = fsum / nused
+        # Poisson covariance: sum over the used pairs of the interval overlaps
+        cov = np.einsum("kl,km,lm->m", overlap, used.astype(np.float64), used.astype(np.float64))
+        poisson = mean_obs / time_used / plan.gain * cov / nused**2
+        var = (2.0 * plan.read_noise**2 / nused + poisson) * mean_factor**2
+    flags = np.zeros(m, dtype=np.uint32)
+    flags[nused < n] |= np.uint32(DQ.SATURATED)
+    none = np.flatnonzero(nused == 0)
+    if none.size:
+        counts, fvar, ok = _fallback(r[:, none], sat[:, none], None if coeff is None else coeff[:, none],
+                                     None if rate is None else rate[none], plan)
+        sci[none] = np.where(ok, counts, np.nan)
+        var[none] = np.where(ok, fvar, np.nan)
+        flags[none[~ok]] |= np.uint32(DQ.DO_NOT_USE)
+    science[pixels] = sci
+    variance[pixels] = var
+    quality[pixels] |= flags
+
+
+def _fallback(r, sat, coeff, rate, plan: _Pairs):
+    """Counts, variance and usability of pixels with no usable pair, from the
+    first two reads: corrected rate x EXPTIME.  ``r`` (nreads, m), ``sat``
+    (nreads, m), ``coeff`` (order+1, m) or None, ``rate`` (m,) or None."""
+    t0, t1 = float(plan.t[0]), float(plan.t[1])
+    x = r[1].astype(np.float64) - r[0]
+    factor = np.ones_like(x)
+    if coeff is not None:
+        factor = horner_factor(x, coeff, rate * t0, form=plan.form)
+    scale = plan.exptime / (t1 - t0)
+    counts = x * factor * scale
+    var = (2.0 * plan.read_noise**2 + np.maximum(x, 0.0) / plan.gain) * (factor * scale) ** 2
+    ok = ~sat[0] & ~sat[1]
+    return counts, var, ok
 
 
 # --------------------------------------------------------------------------- header
@@ -226,7 +416,7 @@ def update_combined_header(header, *, exptime: float, method: str, pairs: int | 
 
 
 def combine_cds(ramp: Ramp, *, gain: float, read_noise: float, linearity=None,
-                linearity_form: str = "DIFFERENCE") -> Frame:
+                linearity_form: str = "DIFFERENCE", chunk_rows: int = 128) -> Frame:
     """Correlated double sampling: last read minus first read.
 
     Parameters
@@ -255,28 +445,13 @@ def combine_cds(ramp: Ramp, *, gain: float, read_noise: float, linearity=None,
     """
     _need_reads(ramp)
     _check_ramp(ramp)
-    shape = ramp.reads.shape[1:]
-    linearity = _check_linearity(linearity, shape)
-    sat = _saturated(ramp)
+    linearity = _check_linearity(linearity, ramp.reads.shape[1:])
     t = np.asarray(ramp.inttime, dtype=np.float64)
-    exptime = float(t[-1] - t[0])
-    rate = _rate64(ramp) if linearity is not None else None
-    x = ramp.reads[-1].astype(np.float64) - ramp.reads[0]
-    variance = 2.0 * read_noise**2 + np.maximum(x, 0.0) / gain
-    if linearity is not None:
-        factor = horner_factor(x, linearity, rate * t[0], form=linearity_form)
-        x *= factor
-        variance *= factor**2
-    quality = _quality(ramp)
-    unusable = sat[0] | sat[-1]
-    if unusable.any():
-        pixels = np.nonzero(unusable)
-        counts, var, ok = _fallback(
-            ramp, sat, pixels, exptime=exptime, gain=gain, read_noise=read_noise,
-            linearity=linearity, rate=rate, form=linearity_form,
-        )
-        _finish(x, variance, quality, pixels, counts, var, ok)
-    return _make_frame(ramp, x, variance, quality, exptime=exptime, method="CDS", pairs=1, linearity=linearity)
+    plan = _Pairs(ped=(0,), sig=(ramp.nreads - 1,), t=t, bodge=0.0, gain=gain, read_noise=read_noise,
+                  form=linearity_form)
+    science, variance, quality = _combine_pairs(ramp, linearity, plan, chunk_rows)
+    return _make_frame(ramp, science, variance, quality, exptime=plan.exptime, method="CDS", pairs=1,
+                       linearity=linearity)
 
 
 # --------------------------------------------------------------------------- Fowler
@@ -326,7 +501,7 @@ def _fowler_reads(ramp: Ramp, pairs: int) -> tuple[list[int], list[int]]:
 
 def combine_fowler(
     ramp: Ramp, *, pairs: int, bodge: float = 0.0, gain: float, read_noise: float, linearity=None,
-    linearity_form: str = "DIFFERENCE",
+    linearity_form: str = "DIFFERENCE", chunk_rows: int = 128,
 ) -> Frame:
     """Fowler sampling: the mean of ``pairs`` (signal_k - pedestal_k) differences.
 
@@ -362,63 +537,15 @@ def combine_fowler(
         raise ConfigError(f"[frame_combination] fowler_pairs={pairs!r} must be a whole number >= 1")
     pairs = int(pairs)
     ped, sig = _fowler_reads(ramp, pairs)
-    shape = ramp.reads.shape[1:]
-    linearity = _check_linearity(linearity, shape)
-    sat = _saturated(ramp)
+    linearity = _check_linearity(linearity, ramp.reads.shape[1:])
     t = np.asarray(ramp.inttime, dtype=np.float64)
-    dts = t[sig] - t[ped]
-    if np.any(dts <= 0):
-        raise StageError(f"Fowler pair times are not positive: {dts.tolist()}")
-    dt_mean = float(dts.mean())
-    exptime = dt_mean + float(bodge)
-    rate = _rate64(ramp) if linearity is not None else None
-
-    total = np.zeros(shape, dtype=np.float64)  # sum of corrected pairs used
-    observed = np.zeros(shape, dtype=np.float64)  # sum of observed pairs used
-    fsum = np.zeros(shape, dtype=np.float64)  # sum of factors of pairs used
-    tsum = np.zeros(shape, dtype=np.float64)  # sum of pair times used
-    used = np.empty((pairs,) + shape, dtype=bool)
-    for k, (p, s) in enumerate(zip(ped, sig)):
-        x = ramp.reads[s].astype(np.float64) - ramp.reads[p]
-        use = ~(sat[s] | sat[p])
-        used[k] = use
-        factor = horner_factor(x, linearity, rate * t[p], form=linearity_form) if linearity is not None else 1.0
-        observed += np.where(use, x, 0.0)
-        total += np.where(use, x * factor, 0.0)
-        fsum += np.where(use, factor, 0.0)
-        tsum += use * dts[k]
-    nused = used.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        time_used = tsum / nused
-        science = total / nused * ((dt_mean + bodge) / (time_used + bodge))
-        mean_obs = np.maximum(observed / nused, 0.0)
-        mean_factor = fsum / nused
-
-    # Poisson covariance: sum over used pairs of interval overlaps
-    ts, tp = t[sig], t[ped]
-    overlap = np.clip(np.minimum.outer(ts, ts) - np.maximum.outer(tp, tp), 0.0, None)
-    cov = np.full(shape, overlap.sum(), dtype=np.float64)
-    partial = (nused > 0) & (nused < pairs)
-    if partial.any():
-        pix = np.nonzero(partial)
-        u = used[(slice(None),) + pix].astype(np.float64)  # (pairs, m)
-        cov[pix] = np.einsum("kl,km,lm->m", overlap, u, u)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        poisson = mean_obs / time_used / gain * cov / nused**2
-        variance = (2.0 * read_noise**2 / nused + poisson) * mean_factor**2
-
-    quality = _quality(ramp)
-    quality[partial] |= np.uint32(DQ.SATURATED)
-    none = nused == 0
-    if none.any():
-        pixels = np.nonzero(none)
-        counts, var, ok = _fallback(
-            ramp, sat, pixels, exptime=exptime, gain=gain, read_noise=read_noise,
-            linearity=linearity, rate=rate, form=linearity_form,
-        )
-        _finish(science, variance, quality, pixels, counts, var, ok)
+    plan = _Pairs(ped=tuple(ped), sig=tuple(sig), t=t, bodge=float(bodge), gain=gain, read_noise=read_noise,
+                  form=linearity_form)
+    if np.any(plan.dts <= 0):
+        raise StageError(f"Fowler pair times are not positive: {plan.dts.tolist()}")
+    science, variance, quality = _combine_pairs(ramp, linearity, plan, chunk_rows)
     return _make_frame(
-        ramp, science, variance, quality, exptime=exptime, method="FOWLER", pairs=pairs,
+        ramp, science, variance, quality, exptime=plan.exptime, method="FOWLER", pairs=pairs,
         linearity=linearity, extra={"L1FMCOBO": (float(bodge), "[s] Fowler bodge added to EXPTIME")},
     )
 
@@ -597,43 +724,10 @@ def _fit_segments(y, valid, jumps, t):
 # --------------------------------------------------------------------------- dispatcher
 
 
-def _in_row_chunks(combine, ramp: Ramp, linearity, *, chunk_rows: int, **kwargs) -> Frame:
-    """Run a per-pixel combination on row chunks of the ramp and assemble the frame.
-
-    Every CDS/Fowler operation is per pixel, so chunks give the same result
-    as the whole frame while the float64 temporaries stay a chunk in size;
-    numpy releases the GIL in those operations, so chunks run on the
-    machine's cores.  Checks that concern the whole ramp (read counts) run on
-    the first chunk, before any other.
-    """
-    ny = ramp.reads.shape[1]
-    if ny <= chunk_rows:
-        return combine(ramp, linearity=linearity, **kwargs)
-
-    def part(r0):
-        rows = slice(r0, r0 + chunk_rows)
-        sub = ramp.replace(reads=ramp.reads[:, rows], quality=ramp.quality[rows],
-                           saturated=None if ramp.saturated is None else ramp.saturated[:, rows])
-        return combine(sub, linearity=None if linearity is None else linearity[:, rows], **kwargs)
-
-    first = part(0)  # raises the read-count errors once
-    starts = range(chunk_rows, ny, chunk_rows)
-    workers = min(os.cpu_count() or 1, len(starts))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            rest = list(pool.map(part, starts))
-    else:
-        rest = [part(r0) for r0 in starts]
-    parts = [first] + rest
-    return first.replace(science=np.concatenate([p.science for p in parts]),
-                         variance=np.concatenate([p.variance for p in parts]),
-                         quality=np.concatenate([p.quality for p in parts]))
-
-
 def combine_reads(
     ramp: Ramp, *, method: str, pairs: int | None = None, bodge: float = 0.0, gain: float,
     read_noise: float, linearity=None, jump_sigma: float = 5.0, linearity_form: str = "DIFFERENCE",
-    chunk_rows: int = 256,
+    chunk_rows: int = 128,
 ) -> Frame:
     """Combine a ramp with ``method`` CDS, FOWLER or UTR (case-insensitive).
 
@@ -645,13 +739,13 @@ def combine_reads(
     """
     name = str(method).strip().upper()
     if name == "CDS":
-        return _in_row_chunks(combine_cds, ramp, linearity, chunk_rows=chunk_rows, gain=gain,
-                              read_noise=read_noise, linearity_form=linearity_form)
+        return combine_cds(ramp, gain=gain, read_noise=read_noise, linearity=linearity,
+                           linearity_form=linearity_form, chunk_rows=chunk_rows)
     if name == "FOWLER":
         if pairs is None:
             raise ConfigError("[frame_combination] fowler_pairs is needed for method FOWLER")
-        return _in_row_chunks(combine_fowler, ramp, linearity, chunk_rows=chunk_rows, pairs=pairs, bodge=bodge,
-                              gain=gain, read_noise=read_noise, linearity_form=linearity_form)
+        return combine_fowler(ramp, pairs=pairs, bodge=bodge, gain=gain, read_noise=read_noise,
+                              linearity=linearity, linearity_form=linearity_form, chunk_rows=chunk_rows)
     if name == "UTR":
         return fit_ramp(ramp, gain=gain, read_noise=read_noise, jump_sigma=jump_sigma, linearity=linearity)
     raise ConfigError(
