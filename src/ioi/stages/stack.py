@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 STACKING_METHODS = ("MEAN", "COADD", "MEANANDSCALE")
 
-__all__ = ["STACKING_METHODS", "GAIN_BY_ASICGAIN", "StackResult", "stack_frames", "gain_keywords"]
+__all__ = ["STACKING_METHODS", "GAIN_BY_ASICGAIN", "StackResult", "StackAccumulator", "stack_frames",
+           "gain_keywords"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,6 +94,102 @@ def _clip_chunk(data: np.ndarray, var: np.ndarray, valid: np.ndarray, clip_sigma
     return valid
 
 
+def _check_method(method) -> str:
+    meth = str(method).strip().upper()
+    if meth not in STACKING_METHODS:
+        raise StageError(f"stacking method = {method!r} is not one of {', '.join(STACKING_METHODS)}",
+                         exit_code=ExitCode.UNKNOWN_STACKING_METHOD)
+    return meth
+
+
+def _combine_sums(meth: str, n: int, total, vtot, used):
+    """Science and variance (float64) from the sums of the values and variances used."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if meth == "MEAN":
+            s, v = total / used, vtot / used**2
+        elif meth == "COADD":
+            s, v = total.copy(), vtot.copy()
+        else:  # MEANANDSCALE
+            s, v = n * total / used, n**2 * vtot / used**2
+    s[used == 0] = np.nan
+    v[used == 0] = np.nan
+    return s, v
+
+
+def _stack_result(meth: str, n: int, clip_sigma, header, science, variance, count, quality) -> StackResult:
+    """Checks, flags and keywords common to every way of stacking."""
+    if not np.isfinite(science).any():
+        raise StageError(f"stacking: the {meth} stack of {n} frames has no finite pixel",
+                         exit_code=ExitCode.STACKING_FAILED)
+    quality[count == 0] = np.uint32(DQ.DO_NOT_USE | DQ.NO_OVERLAP)
+    hdr = header.copy()
+    hdr["L1STK"] = (1, "frames stacked (1 = yes)")
+    hdr["STKMETH"] = (meth, "stacking method")
+    hdr["STKNFRM"] = (n, "number of frames stacked")
+    hdr["STKCLIP"] = (float(clip_sigma) if clip_sigma is not None else 0.0,
+                      "sigma clip of the stack (0 = none)")
+    gains = gain_keywords(hdr["ASICGAIN"]) if "ASICGAIN" in hdr else gain_keywords(None)
+    if gains is not None:
+        mult = n if meth == "MEAN" else 1
+        for key, g in gains.items():
+            hdr[key] = (g * mult, "[e-/ADU] from ASICGAIN" + (f" x {n} frames" if mult > 1 else ""))
+    if meth in ("COADD", "MEANANDSCALE"):
+        if "EXPTIME" in hdr:
+            hdr["EXPTIME"] = (float(hdr["EXPTIME"]) * n, f"[s] exposure time x {n} frames")
+        hdr["NCOADDS"] = (n, "number of frames coadded")
+    log.info("stacked %d frames (%s): %.1f %% of pixels from all frames", n, meth,
+             100.0 * float(np.mean(count == n)))
+    result = Frame(science=science, variance=variance, quality=quality, header=hdr)
+    return StackResult(frame=result, exposure_map=count, n_frames=n)
+
+
+class StackAccumulator:
+    """A MEAN, COADD or MEANANDSCALE stack built one registered frame at a time.
+
+    Without clipping every method is a function of per-pixel sums, so the
+    frames need not be held together: :meth:`add` each frame as it is
+    resampled (in frame order: the float64 sums are then the same as
+    :func:`stack_frames`'), then :meth:`result`.  Holds two float64 sums, the
+    count and the OR of the flags (~26 bytes a pixel).  The first frame added
+    is the reference: its header is the stack's.
+    """
+
+    def __init__(self, method: str = "MEAN"):
+        self.method = _check_method(method)
+        self.n = 0
+        self.header = None
+        self.total = self.vtot = self.used = self.quality = None
+
+    def add(self, frame: Frame) -> None:
+        if self.n == 0:
+            shape = frame.shape
+            self.header = frame.header
+            self.total = np.zeros(shape, dtype=np.float64)
+            self.vtot = np.zeros(shape, dtype=np.float64)
+            self.used = np.zeros(shape, dtype=np.int16)
+            self.quality = np.zeros(shape, dtype=np.uint32)
+        elif frame.shape != self.total.shape:
+            raise StageError(f"stacking: frame {self.n} has shape {frame.shape}, frame 0 has {self.total.shape}",
+                             exit_code=ExitCode.STACKING_FAILED)
+        flags = np.asarray(frame.quality, dtype=np.uint32)
+        valid = np.isfinite(frame.science) & ((flags & DQ.DO_NOT_USE) == 0)
+        self.total += np.where(valid, frame.science, np.float32(0.0))
+        var_ok = valid & np.isfinite(frame.variance)
+        self.vtot += np.where(var_ok, frame.variance, np.float32(0.0))
+        self.used += valid
+        # the flags of the frames that went into each pixel (why a pixel may be special)
+        self.quality |= np.where(valid, flags, np.uint32(0))
+        self.n += 1
+
+    def result(self) -> StackResult:
+        if self.n == 0:
+            raise StageError("stacking: no frames to stack", exit_code=ExitCode.STACKING_FAILED)
+        s, v = _combine_sums(self.method, self.n, self.total, self.vtot, self.used)
+        self.total = self.vtot = None
+        return _stack_result(self.method, self.n, None, self.header, s.astype(np.float32),
+                             v.astype(np.float32), self.used, self.quality)
+
+
 def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = None,
                  chunk_rows: int = 256) -> StackResult:
     """Combine registered frames pixel by pixel.
@@ -116,10 +213,7 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
         n^2 sum(var)/n_used^2.  Pixels with no contribution: NaN and
         DO_NOT_USE|NO_OVERLAP.  Empty input or an all-NaN stack: exit 13.
     """
-    meth = str(method).strip().upper()
-    if meth not in STACKING_METHODS:
-        raise StageError(f"stacking method = {method!r} is not one of {', '.join(STACKING_METHODS)}",
-                         exit_code=ExitCode.UNKNOWN_STACKING_METHOD)
+    meth = _check_method(method)
     frames = list(frames)
     n = len(frames)
     if n == 0:
@@ -146,38 +240,8 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
         used = valid.sum(axis=0)
         total = np.where(valid, data, 0.0).sum(axis=0)
         vtot = np.where(valid & np.isfinite(var), var, 0.0).sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if meth == "MEAN":
-                s, v = total / used, vtot / used**2
-            elif meth == "COADD":
-                s, v = total.copy(), vtot.copy()
-            else:  # MEANANDSCALE
-                s, v = n * total / used, n**2 * vtot / used**2
-        s[used == 0] = np.nan
-        v[used == 0] = np.nan
+        s, v = _combine_sums(meth, n, total, vtot, used)
         science[rows], variance[rows], count[rows] = s, v, used
         # the flags of the frames that went into each pixel (why a pixel may be special)
         quality[rows] = np.bitwise_or.reduce(np.where(valid, flags, np.uint32(0)), axis=0)
-    if not np.isfinite(science).any():
-        raise StageError(f"stacking: the {meth} stack of {n} frames has no finite pixel",
-                         exit_code=ExitCode.STACKING_FAILED)
-    quality[count == 0] = np.uint32(DQ.DO_NOT_USE | DQ.NO_OVERLAP)
-    hdr = frames[0].header.copy()
-    hdr["L1STK"] = (1, "frames stacked (1 = yes)")
-    hdr["STKMETH"] = (meth, "stacking method")
-    hdr["STKNFRM"] = (n, "number of frames stacked")
-    hdr["STKCLIP"] = (float(clip_sigma) if clip_sigma is not None else 0.0,
-                      "sigma clip of the stack (0 = none)")
-    gains = gain_keywords(hdr["ASICGAIN"]) if "ASICGAIN" in hdr else gain_keywords(None)
-    if gains is not None:
-        mult = n if meth == "MEAN" else 1
-        for key, g in gains.items():
-            hdr[key] = (g * mult, "[e-/ADU] from ASICGAIN" + (f" x {n} frames" if mult > 1 else ""))
-    if meth in ("COADD", "MEANANDSCALE"):
-        if "EXPTIME" in hdr:
-            hdr["EXPTIME"] = (float(hdr["EXPTIME"]) * n, f"[s] exposure time x {n} frames")
-        hdr["NCOADDS"] = (n, "number of frames coadded")
-    log.info("stacked %d frames (%s): %.1f %% of pixels from all frames", n, meth,
-             100.0 * float(np.mean(count == n)))
-    result = Frame(science=science, variance=variance, quality=quality, header=hdr)
-    return StackResult(frame=result, exposure_map=count, n_frames=n)
+    return _stack_result(meth, n, clip_sigma, frames[0].header, science, variance, count, quality)

@@ -1,0 +1,108 @@
+"""The one-frame-at-a-time pieces of the pipeline give what the all-at-once functions give:
+the running stack (StackAccumulator) against stack_frames, the sky model against
+subtract_sky, and the sorting-network median skies against nanmedian over the peers."""
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ioi.frame import DQ, Frame
+from ioi.stages import sky as S
+from ioi.stages import stack as K
+
+
+def _random_frames(rng, n, shape=(37, 29), nan_fraction=0.1, dnu_fraction=0.05):
+    frames = []
+    for _ in range(n):
+        sci = rng.normal(100.0, 10.0, shape).astype(np.float32)
+        sci[rng.random(shape) < nan_fraction] = np.nan
+        var = rng.uniform(1.0, 5.0, shape).astype(np.float32)
+        var[rng.random(shape) < nan_fraction / 2] = np.nan
+        q = rng.integers(0, 4, shape).astype(np.uint32) << 1  # harmless flags
+        q[rng.random(shape) < dnu_fraction] |= np.uint32(DQ.DO_NOT_USE)
+        h = fits.Header()
+        h["ASICGAIN"] = 10
+        h["EXPTIME"] = 10.0
+        frames.append(Frame(science=sci, variance=var, quality=q, header=h))
+    return frames
+
+
+@pytest.mark.parametrize("method", K.STACKING_METHODS)
+@pytest.mark.parametrize("n", [1, 2, 9])
+def test_accumulator_equals_stack_frames(method, n):
+    rng = np.random.default_rng(n)
+    frames = _random_frames(rng, n)
+    frames[0].science[:3] = np.nan  # rows without the first frame (no frame at all when n == 1)
+    whole = K.stack_frames(frames, method=method, chunk_rows=5)
+    acc = K.StackAccumulator(method)
+    for f in frames:
+        acc.add(f)
+    run = acc.result()
+    np.testing.assert_array_equal(run.frame.science, whole.frame.science)
+    np.testing.assert_array_equal(run.frame.variance, whole.frame.variance)
+    np.testing.assert_array_equal(run.frame.quality, whole.frame.quality)
+    np.testing.assert_array_equal(run.exposure_map, whole.exposure_map)
+    assert run.n_frames == whole.n_frames == n
+    for key in ("STKMETH", "STKNFRM", "GAIN", "EXPTIME"):
+        assert run.frame.header.get(key) == whole.frame.header.get(key)
+
+
+def test_accumulator_needs_frames():
+    with pytest.raises(Exception, match="no frames"):
+        K.StackAccumulator("MEAN").result()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 20), st.booleans(), st.floats(0.0, 0.9), st.integers(0, 2**32 - 1))
+def test_median_skies_equal_nanmedian_of_peers(n, peers_only, nan_fraction, seed):
+    rng = np.random.default_rng(seed)
+    shape = (7, 11)
+    values = [rng.normal(0.0, 5.0, shape).astype(np.float32).round(1) for _ in range(n)]  # ties happen
+    for v in values:
+        v[rng.random(shape) < nan_fraction] = np.nan
+    levels = rng.normal(0.0, 3.0, n)
+    skies = S._median_skies(S._Planes(values), levels, peers_only=peers_only, chunk_rows=3)
+    norm = (np.stack(values) - levels.astype(np.float32)[:, None, None]).astype(np.float64)
+    for i in range(n):
+        peers = [j for j in range(n) if j != i] if peers_only else list(range(n))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expect = (np.nanmedian(norm[peers], axis=0) + levels[i]).astype(np.float32)
+        np.testing.assert_array_equal(skies[i], expect)
+
+
+def test_sorting_network_sorts():
+    for n in range(1, 40):
+        rng = np.random.default_rng(n)
+        data = rng.normal(size=(n, 50)).round(1)
+        a = list(data)
+        for i, j in S._sorting_network(n):
+            a[i], a[j] = np.minimum(a[i], a[j]), np.maximum(a[i], a[j])
+        np.testing.assert_array_equal(np.stack(a), np.sort(data, axis=0))
+
+
+def test_sky_model_gives_subtract_sky_frames_one_at_a_time():
+    rng = np.random.default_rng(3)
+    frames = _random_frames(rng, 5, shape=(64, 48), nan_fraction=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = S.subtract_sky(frames, mask_sources=False)
+        model = S.model_skies(frames, mask_sources=False)
+    skies = [s.copy() for s in model.skies]
+    model.subtract_in_place()
+    assert model.skies is None
+    for i, f in enumerate(frames):
+        got = model.subtracted(i, f)
+        model.release(i)
+        want = whole.frames[i]
+        np.testing.assert_array_equal(got.science, want.science)
+        np.testing.assert_array_equal(got.variance, want.variance)
+        np.testing.assert_array_equal(got.quality, want.quality)
+        np.testing.assert_array_equal(skies[i], whole.skies[i])
+        assert got.header["SKYLEVEL"] == want.header["SKYLEVEL"]
+    # the inputs are untouched
+    assert all(np.isfinite(f.science).sum() > 0.9 * f.science.size for f in frames)
