@@ -123,3 +123,16 @@ def test_read_image_finds_the_image_behind_an_empty_primary(tmp_path):
     fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, name="FLAT")]).writeto(p)
     out, _ = fitsio.read_image(p)
     np.testing.assert_array_equal(out, data)
+
+
+def test_products_get_the_usual_file_mode(tmp_path):
+    """The temporary file is private (mkstemp); the product must be readable like any file
+    written under the process umask, so that the observatory's other accounts can read it."""
+    import os
+    import stat
+
+    from ioi import fitsio as F
+
+    path = F.write_image(tmp_path / "p.fits", np.zeros((4, 4), np.float32))
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    assert mode == 0o666 & ~F._UMASK

@@ -123,6 +123,15 @@ def read_cube(path, *, what="multi-extension file") -> np.ndarray:
     return np.stack(planes)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False) -> Path:
     """Write ``hdul`` to ``path`` through a temporary file in the same directory.
 
@@ -136,6 +145,8 @@ def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False) -> P
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file private (0600); a product gets the usual mode under the umask
+        os.chmod(tmp, 0o666 & ~_UMASK)
         hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
         os.replace(tmp, path)
     except BaseException:
@@ -157,6 +168,16 @@ def write_cube(path, planes, *, header=None, overwrite: bool = False) -> Path:
     return write_fits_atomic(path, fits.HDUList(hdus), overwrite=overwrite)
 
 
+def _read_only(array, dtype) -> np.ndarray:
+    """A read-only view (or converted copy) of ``array``: astropy byte-swaps a writeable
+    little-endian array in place while writing it (and back afterwards), which would
+    disturb any other thread reading the same array meanwhile; for a read-only one it
+    writes a swapped copy instead."""
+    view = np.asarray(array, dtype=dtype).view()
+    view.flags.writeable = False
+    return view
+
+
 def frame_hdus(frame, extname: str, *, with_planes: bool = True) -> list:
     """Image HDUs for a :class:`~ioi.frame.Frame`: ``EXTNAME`` science, then
     ``<EXTNAME>_VAR`` (variance) and ``<EXTNAME>_DQ`` (quality) when asked."""
@@ -164,15 +185,15 @@ def frame_hdus(frame, extname: str, *, with_planes: bool = True) -> list:
     for key in ("SIMPLE", "EXTEND", "BZERO", "BSCALE", "XTENSION", "PCOUNT", "GCOUNT"):
         header.remove(key, ignore_missing=True)
     header["EXTNAME"] = extname
-    hdus = [fits.ImageHDU(np.asarray(frame.science, dtype=np.float32), header=header, name=extname)]
+    hdus = [fits.ImageHDU(_read_only(frame.science, np.float32), header=header, name=extname)]
     if with_planes:
         wcs_header = wcs_cards(header)
         vh = fits.Header(wcs_header)
         vh["BUNIT"] = ("ADU2", "variance of " + extname)
-        hdus.append(fits.ImageHDU(np.asarray(frame.variance, dtype=np.float32), header=vh, name=f"{extname}_VAR"))
+        hdus.append(fits.ImageHDU(_read_only(frame.variance, np.float32), header=vh, name=f"{extname}_VAR"))
         qh = fits.Header(wcs_header)
         qh["COMMENT"] = "data-quality bit flags, see ioi.frame.DQ"
-        hdus.append(fits.ImageHDU(np.asarray(frame.quality, dtype=np.uint32), header=qh, name=f"{extname}_DQ"))
+        hdus.append(fits.ImageHDU(_read_only(frame.quality, np.uint32), header=qh, name=f"{extname}_DQ"))
     return hdus
 
 

@@ -11,8 +11,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame, Ramp
 log = logging.getLogger(__name__)
 
 BORDER = 4
+_DITHER_THREADS = 2  # dithers processed at once (see reduce_multrun)
 DEFAULT_GAIN = GAIN_BY_ASICGAIN[10]
 
 
@@ -63,16 +67,32 @@ class _Run:
     def __init__(self, result: ReductionResult):
         self.result = result
         self.t_start = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.result.stage_seconds[name] = self.result.stage_seconds.get(name, 0.0) + seconds
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        """Time a stage and turn its StageWarnings into logged, listed warnings.
+
+        In a worker thread only the time is taken: ``warnings.catch_warnings``
+        changes process-wide state and is not safe there (the stages run in
+        threads emit no StageWarning)."""
         t0 = time.perf_counter()
+        if threading.current_thread() is not threading.main_thread():
+            try:
+                yield
+            finally:
+                self.add_seconds(name, time.perf_counter() - t0)
+            return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StageWarning)
             try:
                 yield
             finally:
-                self.result.stage_seconds[name] = self.result.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.add_seconds(name, time.perf_counter() - t0)
         for w in caught:
             if isinstance(w.message, StageWarning):
                 self.warn(int(w.message.exit_code), str(w.message))
@@ -183,8 +203,11 @@ def _with_keywords(header, cards) -> fits.Header:
 # ----------------------------------------------------------------------------- one dither
 
 def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, run: _Run,
-                   out_dir: Path, stem: str) -> Frame:
-    """Raw reads of one dither -> a calibrated L1 frame (before sky subtraction)."""
+                   out_dir: Path, stem: str, bad_pixels=None) -> Frame:
+    """Raw reads of one dither -> a calibrated L1 frame (before sky subtraction).
+
+    ``bad_pixels``: the union of the calibration's bad-pixel masks (bool), when
+    the caller made it once for every dither."""
     from ioi.stages import calibrate, combine, reference
 
     fc = pipe.frame_combination
@@ -194,7 +217,9 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
     with run.stage("reference"):
         reads = ramp.reads
         if rs.do:
-            reads = reference.subtract_reference(reads, method=rs.method, noutputs=noutputs, border=BORDER)
+            # in place: the raw values are not needed once saturation is flagged (read_ramp)
+            reads = reference.subtract_reference(reads, method=rs.method, noutputs=noutputs, border=BORDER,
+                                                 out=reads)
         if fc.read_noise > 0:
             read_noise = fc.read_noise
         elif ramp.nreads >= 2:
@@ -203,9 +228,9 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
             read_noise = 17.0
         header = shift_wcs_for_border(ramp.header)
         header["RDNOISE"] = (round(float(read_noise), 3), "[ADU] read noise per read (reference pixels)")
-        ramp = ramp.replace(reads=reference.strip_border(reads, border=BORDER),
-                            saturated=reference.strip_border(ramp.saturated, border=BORDER),
-                            quality=reference.strip_border(ramp.quality, border=BORDER),
+        ramp = ramp.replace(reads=reference.strip_border(reads, border=BORDER, copy=False),
+                            saturated=reference.strip_border(ramp.saturated, border=BORDER, copy=False),
+                            quality=reference.strip_border(ramp.quality, border=BORDER, copy=False),
                             header=header)
     log.debug("%s dither %d: read noise %.2f ADU", stem, seq.dither, read_noise)
     if rs.hard:
@@ -241,7 +266,7 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
             raise _Quit("flatfielding")
     if pipe.bad_pix_masking.do and cal.masks:
         with run.stage("badpix"):
-            frame = calibrate.apply_bad_pixel_masks(frame, cal.masks)
+            frame = calibrate.apply_bad_pixel_masks(frame, cal.masks, bad=bad_pixels)
         _hard(pipe.bad_pix_masking, frame, run, out_dir, f"{stem}_{seq.dither}_badpix.fits")
         if pipe.bad_pix_masking.quit:
             raise _Quit("bad_pix_masking")
@@ -275,12 +300,27 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
         log.info("registration detection from %s: %s", pipe.registration.sexconfig_filename, detection)
     frames: list[Frame] = []
     try:
-        for i, seq in enumerate(multrun.dithers):
-            frames.append(process_dither(seq, pipe, cal, run, out_dir, multrun.name))
-            if progress:
-                progress(i + 1, len(multrun.dithers), f"{multrun.name} dither {seq.dither}")
-            log.info("%s dither %d: combined %d reads (%s)", multrun.name, seq.dither, len(seq.reads),
-                     pipe.frame_combination.method)
+        # Two dithers at a time: reading, reference subtraction and calibration are
+        # single-threaded numpy that releases the GIL, so two dithers overlap on
+        # two cores (the combination itself also runs in row chunks on threads).
+        workers = max(1, min(_DITHER_THREADS, os.cpu_count() or 1, len(multrun.dithers)))
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            bad_pixels = None
+            if pipe.bad_pix_masking.do and cal.masks:
+                from ioi.stages.calibrate import combined_bad_pixel_mask
+                shape = next(iter(cal.masks.values())).shape  # checked against each frame before use
+                bad_pixels = combined_bad_pixel_mask(cal.masks, shape)
+            done = pool.map(lambda seq: process_dither(seq, pipe, cal, run, out_dir, multrun.name, bad_pixels),
+                            multrun.dithers)
+            for i, (seq, frame) in enumerate(zip(multrun.dithers, done)):
+                frames.append(frame)
+                if progress:
+                    progress(i + 1, len(multrun.dithers), f"{multrun.name} dither {seq.dither}")
+                log.info("%s dither %d: combined %d reads (%s)", multrun.name, seq.dither, len(seq.reads),
+                         pipe.frame_combination.method)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no other dither
         # only the file names of the calibration are needed from here: drop the arrays
         cal = dataclasses.replace(cal, flat=None, masks={}, lin_coeffs=None)
         _finish(multrun, frames, pipe, cal, run, out_dir, detection)
@@ -293,33 +333,41 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
 
 def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path,
             detection: dict):
-    """Sky subtraction, registration, stacking and the products, holding as few
-    full sets of frames at once as the order allows: the L1 products are
-    written as soon as the transforms are known (the unsubtracted frames are
-    then released), and the sky-subtracted frames are released as they are
-    resampled.  ``frames`` is emptied."""
+    """Sky subtraction, registration, stacking and the products, one frame at a time
+    where the order allows.  ``frames`` (the unsubtracted frames) is emptied.
+
+    Memory: besides the unsubtracted frames only the sky-subtracted science is
+    held for every frame (the sky model turns each sky into it in place); the
+    variance and flags of a sky-subtracted frame are made when it is written.
+    Once the transforms are known, each frame in turn is written as its L1
+    product, resampled and added to a running stack, then released (two frames
+    at a time on threads; sums are added in frame order, so the result does not
+    depend on the threads).  A sigma-clipped stack needs every resampled frame
+    at once and keeps them.
+    """
     from ioi.stages import register, sky, stack
 
     dithered = multrun.convention == LT and len(frames) > 1
-    nonss = frames
-    ss = None
+    n = len(frames)
+    model = None
     sp = pipe.sky_subtraction
     if dithered and sp.do:
         with run.stage("sky"):
-            sky_result = sky.subtract_sky(
+            model = sky.model_skies(
                 frames, peers_only=sp.peers_only, algorithm=sp.make_algorithm, bg_sigma_clip=sp.bg_sigma_clip,
                 smoothing_box_size=sp.smoothing_box_size, max_iterations=sp.max_robust_iterations,
-                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources,
-                keep_skies=False)
-        ss = list(sky_result.frames)
-        del sky_result
+                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources)
+            model.subtract_in_place()
         log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
                  sp.peers_only, sp.mask_sources)
         if sp.hard:
-            for seq, f in zip(multrun.dithers, ss):
-                _hard(sp, f, run, out_dir, f"{multrun.name}_{seq.dither}_skysub.fits")
-    sky_done = ss is not None
-    target = ss if sky_done else list(nonss)  # what is registered and stacked
+            for seq, i in zip(multrun.dithers, range(n)):
+                _hard(sp, model.subtracted(i), run, out_dir, f"{multrun.name}_{seq.dither}_skysub.fits")
+    sky_done = model is not None
+
+    def target(i):
+        """What is registered and stacked: frame i, sky-subtracted when the sky is."""
+        return model.subtracted(i, frames[i]) if sky_done else frames[i]
 
     # Registration transforms (LT data, more than one dither)
     transforms = None
@@ -331,9 +379,12 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
         if rp.do_bad_region >= 2:
             regions.append(register.parse_bad_region(rp.bad_region2))
         regions = [r for r in regions if r is not None]
+        # Detection needs the science and the unusable pixels only: light frames that
+        # share the sky-subtracted science (where no sky could be made it is NaN).
+        light = [f.replace(science=model.science(i)) if sky_done else f for i, f in enumerate(frames)]
         try:
             with run.stage("register"):
-                transforms = register.find_transforms(target, geometry=rp.fit_geometry,
+                transforms = register.find_transforms(light, geometry=rp.fit_geometry,
                                                       algorithm=rp.registration_algorithm,
                                                       bad_regions=tuple(regions), **detection)
             for d, t in zip(multrun.dithers, transforms):
@@ -341,50 +392,86 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
                          multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
         except register.RegistrationError as exc:
             run.warn(ExitCode.REGISTRATION_FAILED, f"registration failed: {exc}; stacking skipped")
+        del light
     reg_done = transforms is not None
     want_stack = dithered and pipe.stacking.do and reg_done and not rp.quit and not (sky_done and sp.quit)
     if dithered and pipe.stacking.do and rp.do and not reg_done:
         log.warning("%s: no stack written (registration did not succeed)", multrun.name)
 
-    # L1 products now: every keyword is known (a stack that then fails is fatal, exit 13).
+    # Every keyword of the L1 products is known now (a stack that then fails is fatal, exit 13).
     cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=reg_done, stack_done=want_stack)
-    stats = [_dither_stats(seq, nonss[i], ss[i] if sky_done else None, transforms[i] if reg_done else None)
-             for i, seq in enumerate(multrun.dithers)]
-    if pipe.general.write_output:
-        with run.stage("write"):
-            for i, seq in enumerate(multrun.dithers):
-                extensions = {}
-                if sky_done:
-                    extensions["IM_SS"] = ss[i]
-                extensions["IM_NONSS"] = nonss[i]
-                primary = _with_keywords(nonss[i].header, cards)
-                if reg_done:
-                    primary["REGDX"] = (round(float(transforms[i].dx), 4), "[px] registration shift x")
-                    primary["REGDY"] = (round(float(transforms[i].dy), 4), "[px] registration shift y")
-                p = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions,
-                                         overwrite=True)
-                run.result.l1_products.append(p)
-    else:
+    clip = pipe.stacking.clip_sigma or None
+    accumulator = stack.StackAccumulator(pipe.stacking.method) if want_stack and clip is None else None
+    kept = [None] * n  # resampled frames, for a clipped stack only
+    stats = [None] * n
+    write = pipe.general.write_output
+    if not write:
         log.info("write_output = 0: no products written")
-    nonss.clear()  # the unsubtracted frames are written: release them
-    if sky_done:
-        del ss
+
+    def one_frame(i):
+        """Write frame i's L1 product and resample it; returns (i, resampled or None, seconds by stage)."""
+        seq = multrun.dithers[i]
+        nonss = frames[i]
+        ss = target(i) if sky_done else None
+        seconds = {}
+        stats[i] = _dither_stats(seq, nonss, ss, transforms[i] if reg_done else None)
+        if write:
+            t0 = time.perf_counter()
+            extensions = {"IM_SS": ss} if sky_done else {}
+            extensions["IM_NONSS"] = nonss
+            primary = _with_keywords(nonss.header, cards)
+            if reg_done:
+                primary["REGDX"] = (round(float(transforms[i].dx), 4), "[px] registration shift x")
+                primary["REGDY"] = (round(float(transforms[i].dy), 4), "[px] registration shift y")
+            path = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions, overwrite=True)
+            seconds["write"] = time.perf_counter() - t0
+        else:
+            path = None
+        # written: release the unsubtracted frame before resampling (less memory at the peak)
+        frames[i] = None
+        if sky_done:
+            model.release(i)
+            nonss = None
+        registered = None
+        if want_stack:
+            t0 = time.perf_counter()
+            registered = _registered(register, ss if sky_done else nonss, transforms[i], reference=i == 0,
+                                     geometry=rp.fit_geometry,
+                                     bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold)
+            seconds["register"] = time.perf_counter() - t0
+            if rp.hard:
+                _hard(rp, registered, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")
+        return i, path, registered, seconds
+
+    # Two frames at a time: writing (I/O, byte swaps) and resampling (scipy) release the GIL.
+    workers = max(1, min(2, os.cpu_count() or 1, n))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for i, path, registered, seconds in pool.map(one_frame, range(n)):
+            for name, sec in seconds.items():
+                run.add_seconds(name, sec / workers)  # thread seconds shared out over the threads
+            if path is not None:
+                run.result.l1_products.append(path)
+            if registered is not None:
+                with run.stage("stack"):
+                    if accumulator is not None:
+                        accumulator.add(registered)
+                    else:
+                        kept[i] = registered
+            del registered
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    frames.clear()
 
     stacked = None
     if want_stack:
-        with run.stage("register"):
-            registered = register.resample_frames(target, transforms, geometry=rp.fit_geometry,
-                                                  bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold,
-                                                  release=True)
-        del target
-        if rp.hard:
-            for seq, f in zip(multrun.dithers, registered):
-                _hard(rp, f, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")
         with run.stage("stack"):
-            stacked = stack.stack_frames(registered, method=pipe.stacking.method,
-                                         clip_sigma=pipe.stacking.clip_sigma or None)
-        del registered
-        if pipe.general.write_output:
+            if accumulator is not None:
+                stacked = accumulator.result()
+            else:
+                stacked = stack.stack_frames(kept, method=pipe.stacking.method, clip_sigma=clip)
+        del kept, accumulator
+        if write:
             with run.stage("write"):
                 ext = "SK_SS" if sky_done else "SK_NONSS"
                 primary = _with_keywords(stacked.frame.header, cards)
@@ -397,6 +484,16 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
                                                              overwrite=True, extra_hdus=[exposure])
     run.result.stage_seconds["total"] = time.perf_counter() - run.t_start
     run.result.report = write_report(out_dir, multrun, run.result, stats, stacked=stacked)
+
+
+def _registered(register, frame: Frame, transform, *, reference: bool, geometry: str, bad_threshold: float,
+                order: int = 3) -> Frame:
+    """One frame on the reference grid with the registration keywords, as
+    :func:`ioi.stages.register.resample_frames` makes it (the reference is not resampled)."""
+    geo = geometry.strip().upper()
+    if not reference:
+        frame = register.resample_frame(frame, transform, bad_threshold=bad_threshold, order=order)
+    return frame.replace(header=register._reg_header(frame.header, geo, transform, order, bad_threshold))
 
 
 def _robust_sigma(values) -> float:
