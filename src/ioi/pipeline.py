@@ -386,7 +386,8 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             with run.stage("register"):
                 transforms = register.find_transforms(light, geometry=rp.fit_geometry,
                                                       algorithm=rp.registration_algorithm,
-                                                      bad_regions=tuple(regions), **detection)
+                                                      bad_regions=tuple(regions), sky_subtracted=sky_done,
+                                                      **detection)
             for d, t in zip(multrun.dithers, transforms):
                 log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
                          multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)

@@ -1,0 +1,139 @@
+"""Registration fast paths: separable SHIFT resampling, sparse bad-pixel fill, translation vote,
+cheaper background for sky-subtracted frames -- each against the general method it replaces."""
+
+import numpy as np
+import pytest
+from _field_synth import make_field, similarity
+from scipy import ndimage
+
+from ioi.frame import DQ, Frame
+from ioi.stages import register as R
+from ioi.stages.sky import fill_nan_box_mean
+
+
+def _reference_resample(frame, dx, dy, *, order=3, bad_threshold=20.0):
+    """The general method for a pure shift: ndimage.shift of each plane (what the separable path replaces)."""
+    ny, nx = frame.shape
+    bad = ~np.isfinite(frame.science) | ((frame.quality & DQ.DO_NOT_USE) != 0)
+    sci = fill_nan_box_mean(np.where(bad, np.nan, frame.science), box=5, max_passes=1)
+    sci = np.where(np.isfinite(sci), sci, 0.0).astype(np.float32)
+    var0 = np.where(bad | ~np.isfinite(frame.variance), 0.0, frame.variance).astype(np.float32)
+
+    def warp(a, k, dtype=np.float32):
+        return ndimage.shift(a, (-dy, -dx), order=k, mode="nearest", prefilter=k > 1, output=dtype)
+
+    science = warp(sci, order)
+    badmask = warp(np.where(bad, 100.0, 0.0).astype(np.float32), 1)
+    w1 = 1.0 - badmask / np.float32(100.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        variance = warp(var0, 1) / w1
+    quality = warp(frame.quality, 0, np.uint32) & ~np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
+    xin = np.arange(nx)[None, :] + dx
+    yin = np.arange(ny)[:, None] + dy
+    outside = (xin < -0.5) | (xin > nx - 0.5) | (yin < -0.5) | (yin > ny - 0.5)
+    masked = ~outside & ((badmask > bad_threshold) | ~(w1 > 1e-6))
+    science[masked | outside] = np.nan
+    variance[masked | outside] = np.nan
+    quality[masked] |= np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
+    quality[outside] = np.uint32(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
+    return science, variance, quality, badmask
+
+
+def _random_frame(rng, shape, bad_fraction):
+    sci = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    sci += np.float32(3e4) * (rng.random(shape) < 0.01)  # a few sharp peaks
+    var = rng.uniform(1.0, 5.0, shape).astype(np.float32)
+    q = np.zeros(shape, np.uint32)
+    bad = rng.random(shape) < bad_fraction
+    sci[bad & (rng.random(shape) < 0.5)] = np.nan  # half NaN, half flagged only
+    q[bad] |= np.uint32(DQ.DO_NOT_USE | DQ.DEAD)
+    q[rng.random(shape) < 0.05] |= np.uint32(DQ.SATURATED)  # a bit that must travel
+    var[rng.random(shape) < 0.02] = np.nan
+    return Frame.from_science(sci, variance=var, quality=q)
+
+
+SHIFTS = [(0.0, 0.0), (2.0, -3.0), (0.5, -0.5), (-2.5, 1.5), (0.37, -0.81), (-4.62, 3.09), (12.7, 0.2),
+          (-30.4, 25.9), (40.0, 0.3), (63.0, -1.0)]
+
+
+@pytest.mark.parametrize("order", [3, 1])
+@pytest.mark.parametrize("bad_fraction", [0.0, 0.02, 0.3])
+@pytest.mark.parametrize("shape", [(48, 40), (33, 51)])
+def test_separable_shift_matches_ndimage_shift(order, bad_fraction, shape):
+    rng = np.random.default_rng(int(100 * bad_fraction) + order + shape[0])
+    frame = _random_frame(rng, shape, bad_fraction)
+    for dx, dy in SHIFTS:
+        t = R.Transform(matrix=np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]), dx=dx, dy=dy)
+        for threshold in (20.0, 60.0):
+            out = R.resample_frame(frame, t, order=order, bad_threshold=threshold)
+            sci, var, q, badmask = _reference_resample(frame, dx, dy, order=order, bad_threshold=threshold)
+            # A resampled bad mask exactly at the threshold (e.g. 60 from weights 0.6 and 0.4)
+            # may round either way: float32 sums here, float64 in ndimage.
+            use = np.abs(badmask - threshold) > 1e-3
+            assert use.mean() > 0.5
+            np.testing.assert_array_equal(out.quality[use], q[use])
+            np.testing.assert_array_equal(np.isnan(out.science[use]), np.isnan(sci[use]))
+            np.testing.assert_array_equal(np.isnan(out.variance[use]), np.isnan(var[use]))
+            # float32 coefficients instead of float64: a few ulp of the 3e4 peaks
+            np.testing.assert_allclose(out.science[use], sci[use], rtol=0, atol=0.02)
+            np.testing.assert_allclose(out.variance[use], var[use], rtol=1e-5)
+
+
+def test_resample_frame_does_not_change_input():
+    rng = np.random.default_rng(3)
+    frame = _random_frame(rng, (40, 40), 0.05)
+    before = (frame.science.copy(), frame.variance.copy(), frame.quality.copy())
+    R.resample_frame(frame, R.Transform(matrix=np.array([[1.0, 0.0, 1.3], [0.0, 1.0, -0.4]])))
+    for a, b in zip((frame.science, frame.variance, frame.quality), before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fraction", [0.0005, 0.02, 0.2, 1.0])
+def test_fill_bad_is_the_box_mean(fraction):
+    rng = np.random.default_rng(4)
+    sci = rng.normal(0.0, 1.0, (37, 53)).astype(np.float32)
+    bad = rng.random(sci.shape) < fraction
+    bad[0, 0] = bad[-1, -1] = True  # corners: boxes clipped by the edges
+    expect = fill_nan_box_mean(np.where(bad, np.nan, sci), box=5, max_passes=1)
+    expect = np.where(np.isfinite(expect), expect, 0.0)
+    got = R._fill_bad(sci, bad)
+    np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got[~bad], sci[~bad])
+
+
+def test_vote_translation_finds_the_shift_and_declines_ambiguity():
+    rng = np.random.default_rng(6)
+    ref = rng.uniform(0, 1000, (60, 2))
+    assert np.allclose(R._vote_translation(ref, ref + [31.4, -12.6], 2.0), [31.4, -12.6])
+    # half the frame's sources fixed on the detector (artefacts vote for (0, 0)): no clear winner
+    mixed = np.vstack([ref[:25] + [31.4, -12.6], ref[25:50]])[rng.permutation(50)]
+    assert R._vote_translation(ref, mixed, 2.0) is None
+    assert R._vote_translation(ref, rng.uniform(0, 1000, (60, 2)), 2.0) is None
+
+
+def test_shift_match_by_vote_equals_asterism_match(monkeypatch):
+    f = make_field(n_frames=2, matrices=[similarity(), similarity(12.37, -7.61)], n_stars=120, seed=11)
+    ref = R.detect_sources(f.frames[0].science)
+    src = R.detect_sources(f.frames[1].science)
+    by_vote = R.match_sources(ref, src, geometry="SHIFT")
+    monkeypatch.setattr(R, "_vote_translation", lambda *a: None)
+    by_asterism = R.match_sources(ref, src, geometry="SHIFT")
+    for a, b in zip(by_vote, by_asterism):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sky_subtracted_detection_matches_full_background():
+    f = make_field(n_frames=3, n_stars=120, seed=12, sky_level=0.0, gradient=(0.0, 0.0))
+    full = R.find_transforms(f.frames)
+    cheap = R.find_transforms(f.frames, sky_subtracted=True)
+    for k in (1, 2):
+        truth = f.frame_xy(k)
+        ins = (truth > 5).all(axis=1) & (truth < 250).all(axis=1)
+        for t in (full[k], cheap[k]):
+            rms = np.sqrt(np.mean(np.sum((t.apply(f.ref_xy) - truth)[ins] ** 2, axis=1)))
+            assert rms < 0.05
+        assert abs(cheap[k].dx - full[k].dx) < 0.01 and abs(cheap[k].dy - full[k].dy) < 0.01
+        assert abs(cheap[k].n_matched - full[k].n_matched) <= 0.1 * full[k].n_matched
+    a = R.detect_sources(f.frames[0].science)
+    b = R.detect_sources(f.frames[0].science, sky_subtracted=True)
+    assert abs(len(a) - len(b)) <= 0.05 * len(a)
