@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,21 @@ def return_freed_memory_to_os() -> bool:
     """Fix glibc's mmap threshold (Linux only; elsewhere nothing happens). True when set."""
     if not sys.platform.startswith("linux"):
         return False
+    threshold = os.environ.get("IOI_MMAP_THRESHOLD", "")
+    try:
+        threshold = int(threshold) if threshold.strip() else _THRESHOLD
+    except ValueError:
+        log.warning("IOI_MMAP_THRESHOLD=%r is not a whole number of bytes: ignored", threshold)
+        threshold = _THRESHOLD
+    if threshold <= 0:  # 0: leave glibc's dynamic threshold alone
+        return False
     name = ctypes.util.find_library("c")
     if not name:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD))
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-    log.debug("glibc mmap threshold fixed at %d bytes: %s", _THRESHOLD, ok)
+    log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold, ok)
     return ok
