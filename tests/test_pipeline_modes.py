@@ -63,3 +63,36 @@ def test_mode_produces_sane_products(sims, tmp_path, sim_name, changes):
         assert h[1].name == "SK_SS"
         assert np.isfinite(stack).mean() > 0.5
         assert h[0].header["L1STK"] == 1
+
+
+def test_late_registration_failure_restamps_written_products(sims, tmp_path, monkeypatch):
+    """Frames are written while later ones are still being registered; when a later frame
+    cannot be registered, the products already written must end up as if registration had
+    been off: L1REG = L1STK = 0, no REGDX/REGDY, the same data, no stack, no temporary files."""
+    from ioi.stages import register
+
+    sim = sims["fowler32"]
+    pipe, paths = load_settings(pipeline_ini=sim.pipeline_ini, paths_ini=sim.paths_ini)
+    (multrun,) = discover(sim.raw_dir)
+    plain = reduce_multrun(multrun, pipe.replace("registration", do=0), paths, tmp_path / "off")
+
+    add = register.TransformFinder.add
+
+    def failing_add(self, frame):
+        if self.count == 3:
+            raise register.RegistrationError("frame 3: no stars (test)")
+        return add(self, frame)
+
+    monkeypatch.setattr(register.TransformFinder, "add", failing_add)
+    result = reduce_multrun(multrun, pipe, paths, tmp_path / "fail")
+    assert [c for c, _ in result.warnings if c == 18] == [18]
+    assert result.l2_product is None
+    assert [p.name for p in result.l1_products] == [p.name for p in plain.l1_products]
+    assert not list((tmp_path / "fail").glob(".*.tmp"))
+    for got, want in zip(result.l1_products, plain.l1_products):
+        with fits.open(got) as g, fits.open(want) as w:
+            assert g[0].header["L1REG"] == 0 and g[0].header["L1STK"] == 0
+            assert "REGDX" not in g[0].header
+            assert [h.name for h in g] == [h.name for h in w]
+            for hg, hw in zip(g[1:], w[1:]):
+                np.testing.assert_array_equal(hg.data, hw.data)

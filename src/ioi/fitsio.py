@@ -132,11 +132,28 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False) -> Path:
+class PendingFile:
+    """A product written under a temporary name in its directory, not yet in place:
+    :meth:`commit` renames it to ``path`` (atomic), :meth:`discard` removes it."""
+
+    def __init__(self, tmp, path):
+        self.tmp, self.path = Path(tmp), Path(path)
+
+    def commit(self) -> Path:
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False, pending: bool = False):
     """Write ``hdul`` to ``path`` through a temporary file in the same directory.
 
     The rename is atomic on POSIX file systems, so readers see either no file
     or the complete one.  ``overwrite=False`` and an existing file: IoiError.
+    ``pending=True``: leave the file under its temporary name and return a
+    :class:`PendingFile` (the caller commits or discards it).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -148,11 +165,11 @@ def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False) -> P
         # mkstemp makes the file private (0600); a product gets the usual mode under the umask
         os.chmod(tmp, 0o666 & ~_UMASK)
         hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
-        os.replace(tmp, path)
+        written = PendingFile(tmp, path)
+        return written if pending else written.commit()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def write_image(path, data, header=None, *, overwrite: bool = False) -> Path:
@@ -206,14 +223,15 @@ def wcs_cards(header) -> list:
 
 
 def write_product(path, primary_header, frames_by_extname, *, overwrite=True, with_planes=True,
-                  extra_hdus=()) -> Path:
+                  extra_hdus=(), pending=False):
     """Write a product atomically: an empty primary HDU carrying ``primary_header``,
     then one science extension per ``extname -> frame`` item (the original's
     layout, so HDU 1, 2, ... are what the original wrote), then the
-    ``<EXTNAME>_VAR`` and ``<EXTNAME>_DQ`` planes of each, then ``extra_hdus``."""
+    ``<EXTNAME>_VAR`` and ``<EXTNAME>_DQ`` planes of each, then ``extra_hdus``.
+    Returns the path, or a :class:`PendingFile` with ``pending=True``."""
     primary = fits.PrimaryHDU(header=primary_header.copy() if primary_header is not None else None)
     for key in ("NAXIS1", "NAXIS2", "BZERO", "BSCALE"):
         primary.header.remove(key, ignore_missing=True)
     groups = [frame_hdus(frame, extname, with_planes=with_planes) for extname, frame in frames_by_extname.items()]
     hdus = [primary] + [g[0] for g in groups] + [h for g in groups for h in g[1:]] + list(extra_hdus)
-    return write_fits_atomic(path, fits.HDUList(hdus), overwrite=overwrite)
+    return write_fits_atomic(path, fits.HDUList(hdus), overwrite=overwrite, pending=pending)

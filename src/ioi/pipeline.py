@@ -7,6 +7,7 @@ stages themselves are pure functions in :mod:`ioi.stages`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -365,13 +366,8 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
                 _hard(sp, model.subtracted(i), run, out_dir, f"{multrun.name}_{seq.dither}_skysub.fits")
     sky_done = model is not None
 
-    def target(i):
-        """What is registered and stacked: frame i, sky-subtracted when the sky is."""
-        return model.subtracted(i, frames[i]) if sky_done else frames[i]
-
-    # Registration transforms (LT data, more than one dither)
-    transforms = None
     rp = pipe.registration
+    finder = None
     if dithered and rp.do and not (sky_done and sp.quit):
         regions = []
         if rp.do_bad_region >= 1:
@@ -379,93 +375,123 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
         if rp.do_bad_region >= 2:
             regions.append(register.parse_bad_region(rp.bad_region2))
         regions = [r for r in regions if r is not None]
-        # Detection needs the science and the unusable pixels only: light frames that
-        # share the sky-subtracted science (where no sky could be made it is NaN).
-        light = [f.replace(science=model.science(i)) if sky_done else f for i, f in enumerate(frames)]
-        try:
-            with run.stage("register"):
-                transforms = register.find_transforms(light, geometry=rp.fit_geometry,
-                                                      algorithm=rp.registration_algorithm,
-                                                      bad_regions=tuple(regions), sky_subtracted=sky_done,
-                                                      **detection)
-            for d, t in zip(multrun.dithers, transforms):
-                log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
-                         multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
-        except register.RegistrationError as exc:
-            run.warn(ExitCode.REGISTRATION_FAILED, f"registration failed: {exc}; stacking skipped")
-        del light
-    reg_done = transforms is not None
-    want_stack = dithered and pipe.stacking.do and reg_done and not rp.quit and not (sky_done and sp.quit)
-    if dithered and pipe.stacking.do and rp.do and not reg_done:
-        log.warning("%s: no stack written (registration did not succeed)", multrun.name)
-
-    # Every keyword of the L1 products is known now (a stack that then fails is fatal, exit 13).
-    cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=reg_done, stack_done=want_stack)
+        finder = register.TransformFinder(geometry=rp.fit_geometry, algorithm=rp.registration_algorithm,
+                                          bad_regions=tuple(regions), sky_subtracted=sky_done, **detection)
+    stack_wanted = dithered and pipe.stacking.do and rp.do and not rp.quit and not (sky_done and sp.quit)
     clip = pipe.stacking.clip_sigma or None
-    accumulator = stack.StackAccumulator(pipe.stacking.method) if want_stack and clip is None else None
+    accumulator = stack.StackAccumulator(pipe.stacking.method) if stack_wanted and finder and clip is None else None
     kept = [None] * n  # resampled frames, for a clipped stack only
     stats = [None] * n
+    pending = [None] * n  # L1 products under temporary names until every frame is done
+    transforms = [None] * n
     write = pipe.general.write_output
     if not write:
         log.info("write_output = 0: no products written")
+    # The L1 keywords assume that registration (and so the stack) will succeed; if a
+    # frame cannot be registered, the products already written are restamped.
+    cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=finder is not None,
+                        stack_done=stack_wanted and finder is not None)
 
-    def one_frame(i):
-        """Write frame i's L1 product and resample it; returns (i, resampled or None, seconds by stage)."""
+    def one_frame(i, t, cards):
+        """Write frame i's L1 product (pending) and resample it with transform t (None: not registered)."""
         seq = multrun.dithers[i]
         nonss = frames[i]
-        ss = target(i) if sky_done else None
+        ss = model.subtracted(i, nonss) if sky_done else None
         seconds = {}
-        stats[i] = _dither_stats(seq, nonss, ss, transforms[i] if reg_done else None)
+        stats[i] = _dither_stats(seq, nonss, ss, t)
+        product = None
         if write:
             t0 = time.perf_counter()
             extensions = {"IM_SS": ss} if sky_done else {}
             extensions["IM_NONSS"] = nonss
             primary = _with_keywords(nonss.header, cards)
-            if reg_done:
-                primary["REGDX"] = (round(float(transforms[i].dx), 4), "[px] registration shift x")
-                primary["REGDY"] = (round(float(transforms[i].dy), 4), "[px] registration shift y")
-            path = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions, overwrite=True)
+            if t is not None:
+                primary["REGDX"] = (round(float(t.dx), 4), "[px] registration shift x")
+                primary["REGDY"] = (round(float(t.dy), 4), "[px] registration shift y")
+            product = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions,
+                                           overwrite=True, pending=True)
             seconds["write"] = time.perf_counter() - t0
-        else:
-            path = None
         # written: release the unsubtracted frame before resampling (less memory at the peak)
         frames[i] = None
         if sky_done:
             model.release(i)
-            nonss = None
         registered = None
-        if want_stack:
+        if t is not None and stack_wanted:
             t0 = time.perf_counter()
-            registered = _registered(register, ss if sky_done else nonss, transforms[i], reference=i == 0,
-                                     geometry=rp.fit_geometry,
-                                     bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold)
-            seconds["register"] = time.perf_counter() - t0
+            registered = register.registered_frame(ss if sky_done else nonss, t, reference=i == 0,
+                                                   geometry=rp.fit_geometry,
+                                                   bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold)
+            seconds["resample"] = time.perf_counter() - t0
             if rp.hard:
                 _hard(rp, registered, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")
-        return i, path, registered, seconds
+        return i, product, registered, seconds
 
-    # Two frames at a time: writing (I/O, byte swaps) and resampling (scipy) release the GIL.
-    workers = max(1, min(2, os.cpu_count() or 1, n))
-    pool = ThreadPoolExecutor(max_workers=workers)
+    def collect(future):
+        i, product, registered, seconds = future.result()
+        pending[i] = product
+        for name, sec in seconds.items():
+            run.add_seconds(name, sec)  # thread seconds: these overlap with each other and with detection
+        if registered is not None:
+            with run.stage("stack"):
+                if accumulator is not None:
+                    accumulator.add(registered)
+                else:
+                    kept[i] = registered
+
+    # Frame by frame: sources are measured here (sep holds the GIL) while the frames
+    # before are written and resampled on two threads (I/O, numpy and scipy release
+    # it); results are taken in frame order, so the stack does not depend on timing.
+    failure = None
+    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
+    inflight = collections.deque()
     try:
-        for i, path, registered, seconds in pool.map(one_frame, range(n)):
-            for name, sec in seconds.items():
-                run.add_seconds(name, sec / workers)  # thread seconds shared out over the threads
-            if path is not None:
-                run.result.l1_products.append(path)
-            if registered is not None:
-                with run.stage("stack"):
-                    if accumulator is not None:
-                        accumulator.add(registered)
-                    else:
-                        kept[i] = registered
-            del registered
+        for i in range(n):
+            t = None
+            if finder is not None and failure is None:
+                light = frames[i].replace(science=model.science(i)) if sky_done else frames[i]
+                try:
+                    with run.stage("register"):
+                        t = finder.add(light)
+                except register.RegistrationError as exc:
+                    failure = exc
+                    break
+                del light
+                transforms[i] = t
+                d = multrun.dithers[i]
+                log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
+                         multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
+            inflight.append(pool.submit(one_frame, i, t, cards))
+            while len(inflight) > 2:
+                collect(inflight.popleft())
+        while inflight:
+            collect(inflight.popleft())
+        if failure is not None:
+            run.warn(ExitCode.REGISTRATION_FAILED, f"registration failed: {failure}; stacking skipped")
+            if dithered and pipe.stacking.do:
+                log.warning("%s: no stack written (registration did not succeed)", multrun.name)
+            finder, accumulator, transforms = None, None, None
+            kept = [None] * n
+            cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=False, stack_done=False)
+            done = [i for i in range(n) if stats[i] is not None]
+            for i in done:  # written with the registration keywords: write them again without
+                stats[i].pop("registration", None)
+                if pending[i] is not None:
+                    pending[i] = _restamp(pending[i], cards)
+            for i in range(len(done), n):
+                collect(pool.submit(one_frame, i, None, cards))
+    except BaseException:
+        for product in pending:
+            if product is not None:
+                product.discard()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    run.result.l1_products.extend(p.commit() for p in pending if p is not None)
     frames.clear()
+    reg_done = transforms is not None
 
     stacked = None
-    if want_stack:
+    if stack_wanted and reg_done:
         with run.stage("stack"):
             if accumulator is not None:
                 stacked = accumulator.result()
@@ -487,14 +513,18 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     run.result.report = write_report(out_dir, multrun, run.result, stats, stacked=stacked)
 
 
-def _registered(register, frame: Frame, transform, *, reference: bool, geometry: str, bad_threshold: float,
-                order: int = 3) -> Frame:
-    """One frame on the reference grid with the registration keywords, as
-    :func:`ioi.stages.register.resample_frames` makes it (the reference is not resampled)."""
-    geo = geometry.strip().upper()
-    if not reference:
-        frame = register.resample_frame(frame, transform, bad_threshold=bad_threshold, order=order)
-    return frame.replace(header=register._reg_header(frame.header, geo, transform, order, bad_threshold))
+def _restamp(product, cards):
+    """A pending L1 product written again with other provenance keywords and
+    without the registration shifts (registration failed after it was written)."""
+    with fits.open(product.tmp, memmap=False) as hdul:  # the DQ planes are scaled (uint32): no memmap
+        hdus = [h.copy() for h in hdul]
+    for key, value, comment in cards:
+        hdus[0].header[key] = (value, comment)
+    for key in ("REGDX", "REGDY"):
+        hdus[0].header.remove(key, ignore_missing=True)
+    again = fitsio.write_fits_atomic(product.path, fits.HDUList(hdus), overwrite=True, pending=True)
+    product.discard()
+    return again
 
 
 def _robust_sigma(values) -> float:

@@ -655,46 +655,85 @@ def find_transforms(frames, *, geometry: str = "SHIFT", algorithm: str = "SCIPY"
     list of Transform
         The first is the identity.
     """
-    alg = str(algorithm).strip().upper()
-    if alg == "IRAF":
-        raise IoiError("registration_algorithm = IRAF: IRAF registration is not available; use SCIPY",
-                       exit_code=ExitCode.UNKNOWN_REGISTRATION_METHOD)
-    if alg not in REGISTRATION_ALGORITHMS:
-        raise IoiError(f"registration_algorithm = {algorithm!r} is not one of "
-                       f"{', '.join(REGISTRATION_ALGORITHMS)}",
-                       exit_code=ExitCode.UNKNOWN_REGISTRATION_METHOD)
-    geo = _check_geometry(geometry)
-    frames = _check_frames(frames)
-    regions = _regions(bad_regions)
+    finder = TransformFinder(geometry=geometry, algorithm=algorithm, bad_regions=bad_regions,
+                             min_matches=min_matches, thresh=thresh, minarea=minarea,
+                             sky_subtracted=sky_subtracted)
+    return [finder.add(f) for f in _check_frames(frames)]
 
-    def sources(f):
-        m = (f.quality & DQ.DO_NOT_USE) != 0
-        return detect_sources(f.science, bad_regions=regions, mask=m, thresh=thresh, minarea=minarea,
-                              sky_subtracted=sky_subtracted)
 
-    ref_src = sources(frames[0])
-    ref_xy = _as_xy(ref_src)
-    if len(ref_xy) < min_matches:
-        raise RegistrationError(f"reference frame: {len(ref_xy)} sources found, "
-                                f"need at least {min_matches}")
-    transforms = [dataclasses.replace(Transform.identity(), n_matched=len(ref_xy))]
-    for k, f in enumerate(frames[1:], start=1):
-        src = sources(f)
+class TransformFinder:
+    """:func:`find_transforms` one frame at a time: :meth:`add` the frames in order
+    (the first is the reference) and get each frame's transform at once, so that
+    a caller can resample a frame while the next one is being measured.
+
+    Parameters as for :func:`find_transforms`.  :meth:`add` raises
+    :class:`RegistrationError` (exit 18) for a frame that cannot be registered.
+    """
+
+    def __init__(self, *, geometry: str = "SHIFT", algorithm: str = "SCIPY", bad_regions=(),
+                 min_matches: int = 4, thresh: float = 5.0, minarea: int = 5, sky_subtracted: bool = False):
+        alg = str(algorithm).strip().upper()
+        if alg == "IRAF":
+            raise IoiError("registration_algorithm = IRAF: IRAF registration is not available; use SCIPY",
+                           exit_code=ExitCode.UNKNOWN_REGISTRATION_METHOD)
+        if alg not in REGISTRATION_ALGORITHMS:
+            raise IoiError(f"registration_algorithm = {algorithm!r} is not one of "
+                           f"{', '.join(REGISTRATION_ALGORITHMS)}",
+                           exit_code=ExitCode.UNKNOWN_REGISTRATION_METHOD)
+        self.geometry = _check_geometry(geometry)
+        self.regions = _regions(bad_regions)
+        self.min_matches = min_matches
+        self.detection = dict(thresh=thresh, minarea=minarea, sky_subtracted=sky_subtracted)
+        self.count = 0
+        self.shape = None
+        self._ref_src = self._ref_xy = None
+
+    def sources(self, frame) -> np.ndarray:
+        """The frame's sources (:func:`detect_sources`, its DO_NOT_USE pixels masked)."""
+        m = (frame.quality & DQ.DO_NOT_USE) != 0
+        return detect_sources(frame.science, bad_regions=self.regions, mask=m, **self.detection)
+
+    def add(self, frame) -> Transform:
+        """The transform of ``frame`` relative to the first frame added."""
+        k = self.count
+        if self.shape is None:
+            self.shape = frame.shape
+        elif frame.shape != self.shape:
+            raise StageError(f"registration: frame {k} has shape {frame.shape}, frame 0 has {self.shape}",
+                             exit_code=ExitCode.DATA_SHAPE_MISMATCH)
+        src = self.sources(frame)
         xy = _as_xy(src)
-        if len(xy) < min_matches:
-            raise RegistrationError(f"frame {k}: {len(xy)} sources found, need at least {min_matches}")
+        if k == 0:
+            if len(xy) < self.min_matches:
+                raise RegistrationError(f"reference frame: {len(xy)} sources found, "
+                                        f"need at least {self.min_matches}")
+            self._ref_src, self._ref_xy = src, xy
+            self.count += 1
+            return dataclasses.replace(Transform.identity(), n_matched=len(xy))
+        if len(xy) < self.min_matches:
+            raise RegistrationError(f"frame {k}: {len(xy)} sources found, need at least {self.min_matches}")
         try:
-            ri, i = match_sources(ref_xy, xy, geometry=geo)
+            ri, i = match_sources(self._ref_xy, xy, geometry=self.geometry)
         except RegistrationError as exc:
             raise RegistrationError(f"frame {k}: {exc}") from exc
-        if len(ri) < min_matches:
-            raise RegistrationError(f"frame {k}: {len(ri)} stars matched, need at least {min_matches}")
-        t = fit_transform(ref_xy[ri], xy[i], geometry=geo,
-                          errors=np.hypot(ref_src["pos_err"][ri], src["pos_err"][i]))
+        if len(ri) < self.min_matches:
+            raise RegistrationError(f"frame {k}: {len(ri)} stars matched, need at least {self.min_matches}")
+        t = fit_transform(self._ref_xy[ri], xy[i], geometry=self.geometry,
+                          errors=np.hypot(self._ref_src["pos_err"][ri], src["pos_err"][i]))
         log.info("frame %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f n=%d rms=%.3f px",
                  k, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
-        transforms.append(t)
-    return transforms
+        self.count += 1
+        return t
+
+
+def registered_frame(frame: Frame, transform: Transform, *, reference: bool = False, geometry: str = "SHIFT",
+                     bad_threshold: float = 20.0, order: int = 3) -> Frame:
+    """One frame on the reference grid with the registration keywords, as
+    :func:`resample_frames` makes it (the reference itself is not resampled)."""
+    geo = _check_geometry(geometry)
+    if not reference:
+        frame = resample_frame(frame, transform, bad_threshold=bad_threshold, order=order)
+    return frame.replace(header=_reg_header(frame.header, geo, transform, order, bad_threshold))
 
 
 def resample_frames(frames, transforms, *, geometry: str = "SHIFT", bad_threshold: float = 20.0,
@@ -712,14 +751,14 @@ def resample_frames(frames, transforms, *, geometry: str = "SHIFT", bad_threshol
     if len(transforms) != len(frames):
         raise StageError(f"resample_frames: {len(frames)} frames but {len(transforms)} transforms")
     _check_frames(frames)
-    out = [frames[0].replace(header=_reg_header(frames[0].header, geo, transforms[0], order, bad_threshold))]
+    kw = dict(geometry=geo, bad_threshold=bad_threshold, order=order)
+    out = [registered_frame(frames[0], transforms[0], reference=True, **kw)]
 
     def resample(k):
-        f, t = frames[k], transforms[k]
-        res = resample_frame(f, t, bad_threshold=bad_threshold, order=order)
+        res = registered_frame(frames[k], transforms[k], **kw)
         if release:
             frames[k] = None
-        return res.replace(header=_reg_header(f.header, geo, t, order, bad_threshold))
+        return res
 
     workers = max(1, min(threads if threads else (os.cpu_count() or 1), len(frames) - 1))
     if workers > 1:

@@ -470,7 +470,9 @@ def _pair_offsets(planes, sigma: float, seed: int = 0):
     ``planes``: a :class:`_Planes` or an (n, ny, nx) stack.  The subsample is
     spread uniformly over the frame; pixels that are NaN in either frame are
     dropped (never the tail of the subsample, which is in row order).  Returns
-    ``(offsets, rms)``, both (n, n) float64, offsets antisymmetric.
+    ``(offsets, rms)``, both (n, n) float64, offsets antisymmetric.  (Clipping
+    every pair at once with bottleneck along rows was measured slower: the
+    pairs converge after different numbers of iterations.)
     """
     if not isinstance(planes, _Planes):
         planes = _Planes(np.asarray(planes))
@@ -654,14 +656,20 @@ def _bin_plane(plane: np.ndarray, b: int) -> np.ndarray:
         plane = padded
     finite = np.isfinite(plane)
     values = np.where(finite, plane, np.float32(0.0))
-    total = np.zeros((by, bx), dtype=np.float32)
-    count = np.zeros((by, bx), dtype=np.float32)
-    for dy in range(b):
-        for dx in range(b):
-            total += values[dy::b, dx::b]
-            count += finite[dy::b, dx::b]
+    count = finite.view(np.uint8)
+    # rows first (contiguous), then columns of the row sums
+    vrows = values[0::b].copy()
+    crows = count[0::b].astype(np.float32)
+    for dy in range(1, b):
+        vrows += values[dy::b]
+        crows += count[dy::b]
+    total = vrows[:, 0::b].copy()
+    cnt = crows[:, 0::b].copy()
+    for dx in range(1, b):
+        total += vrows[:, dx::b]
+        cnt += crows[:, dx::b]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return total / count
+        return total / cnt
 
 
 def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning: int = 1,
@@ -690,8 +698,9 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     try:
         # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
         # surface-brightness limit of a full-resolution detection at ``sigma``
+        # a mask needs no deblending (3x faster with one threshold level)
         _, seg = sep.extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
-                             segmentation_map=True)
+                             segmentation_map=True, deblend_nthresh=1)
     finally:
         sep.set_extract_pixstack(old)
     mask = seg > 0
