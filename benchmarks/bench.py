@@ -282,7 +282,7 @@ def print_table(results: dict, size: int) -> None:
 
     for s in stage_rows:
         row(f"  {s}", lambda r, s=s: r["reduce"]["stage_seconds"].get(s))
-    row("sum of stages", lambda r: sum(v for k, v in r["reduce"]["stage_seconds"].items() if k != "total"))
+    row("sum (overlapping)", lambda r: sum(v for k, v in r["reduce"]["stage_seconds"].items() if k != "total"))
     row("ioi reduce wall", lambda r: r["reduce"]["wall_s"])
     row("  cpu (user+sys)", lambda r: r["reduce"]["cpu_s"])
     row("I/O floor", lambda r: r["io_floor"]["total_s"])

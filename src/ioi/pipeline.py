@@ -402,28 +402,23 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
         product = None
         if write:
             t0 = time.perf_counter()
-            extensions = {"IM_SS": ss} if sky_done else {}
-            extensions["IM_NONSS"] = nonss
-            primary = _with_keywords(nonss.header, cards)
-            if t is not None:
-                primary["REGDX"] = (round(float(t.dx), 4), "[px] registration shift x")
-                primary["REGDY"] = (round(float(t.dy), 4), "[px] registration shift y")
-            product = fitsio.write_product(out_dir / multrun.l1_name(seq.dither), primary, extensions,
-                                           overwrite=True, pending=True)
+            product = _write_l1(out_dir / multrun.l1_name(seq.dither), nonss, ss, cards, t)
             seconds["write"] = time.perf_counter() - t0
         # written: release the unsubtracted frame before resampling (less memory at the peak)
         frames[i] = None
+        target = ss if sky_done else nonss
+        del nonss, ss
         if sky_done:
             model.release(i)
         registered = None
         if t is not None and stack_wanted:
             t0 = time.perf_counter()
-            registered = register.registered_frame(ss if sky_done else nonss, t, reference=i == 0,
-                                                   geometry=rp.fit_geometry,
+            registered = register.registered_frame(target, t, reference=i == 0, geometry=rp.fit_geometry,
                                                    bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold)
             seconds["resample"] = time.perf_counter() - t0
             if rp.hard:
                 _hard(rp, registered, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")
+        del target
         return i, product, registered, seconds
 
     def collect(future):
@@ -511,6 +506,17 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
                                                              overwrite=True, extra_hdus=[exposure])
     run.result.stage_seconds["total"] = time.perf_counter() - run.t_start
     run.result.report = write_report(out_dir, multrun, run.result, stats, stacked=stacked)
+
+
+def _write_l1(path: Path, nonss: Frame, ss, cards, transform):
+    """An L1 product (pending): IM_SS (when the sky was subtracted) and IM_NONSS with their planes."""
+    extensions = {"IM_SS": ss} if ss is not None else {}
+    extensions["IM_NONSS"] = nonss
+    primary = _with_keywords(nonss.header, cards)
+    if transform is not None:
+        primary["REGDX"] = (round(float(transform.dx), 4), "[px] registration shift x")
+        primary["REGDY"] = (round(float(transform.dy), 4), "[px] registration shift y")
+    return fitsio.write_product(path, primary, extensions, overwrite=True, pending=True)
 
 
 def _restamp(product, cards):

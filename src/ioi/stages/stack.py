@@ -5,7 +5,8 @@ COADD: NaN-aware sum (EXPTIME x n, NCOADDS = n).  MEANANDSCALE: mean x n
 (EXPTIME x n, NCOADDS = n), which, unlike COADD, compensates pixels that
 lack some frames.  *Beyond*: optional sigma clipping, a propagated variance
 plane and an exposure (count) map.  Frames are combined in row chunks with
-float64 accumulation.
+float32 accumulation (the rounding, ~1e-7 of a value per frame added,
+is far below the noise; float64 sums would double the running stack's memory).
 
 Axis order: ``(ny, nx)`` for a frame, ``(nframes, rows, nx)`` for a chunk.
 """
@@ -103,7 +104,8 @@ def _check_method(method) -> str:
 
 
 def _combine_sums(meth: str, n: int, total, vtot, used):
-    """Science and variance (float64) from the sums of the values and variances used."""
+    """Science and variance (float32) from the sums of the values and variances used."""
+    used = np.asarray(used, dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         if meth == "MEAN":
             s, v = total / used, vtot / used**2
@@ -148,9 +150,9 @@ class StackAccumulator:
 
     Without clipping every method is a function of per-pixel sums, so the
     frames need not be held together: :meth:`add` each frame as it is
-    resampled (in frame order: the float64 sums are then the same as
-    :func:`stack_frames`'), then :meth:`result`.  Holds two float64 sums, the
-    count and the OR of the flags (~26 bytes a pixel).  The first frame added
+    resampled (in frame order: the float32 sums are then the same as
+    :func:`stack_frames`'), then :meth:`result`.  Holds two float32 sums, the
+    count and the OR of the flags (14 bytes a pixel).  The first frame added
     is the reference: its header is the stack's.
     """
 
@@ -164,8 +166,8 @@ class StackAccumulator:
         if self.n == 0:
             shape = frame.shape
             self.header = frame.header
-            self.total = np.zeros(shape, dtype=np.float64)
-            self.vtot = np.zeros(shape, dtype=np.float64)
+            self.total = np.zeros(shape, dtype=np.float32)
+            self.vtot = np.zeros(shape, dtype=np.float32)
             self.used = np.zeros(shape, dtype=np.int16)
             self.quality = np.zeros(shape, dtype=np.uint32)
         elif frame.shape != self.total.shape:
@@ -186,8 +188,7 @@ class StackAccumulator:
             raise StageError("stacking: no frames to stack", exit_code=ExitCode.STACKING_FAILED)
         s, v = _combine_sums(self.method, self.n, self.total, self.vtot, self.used)
         self.total = self.vtot = None
-        return _stack_result(self.method, self.n, None, self.header, s.astype(np.float32),
-                             v.astype(np.float32), self.used, self.quality)
+        return _stack_result(self.method, self.n, None, self.header, s, v, self.used, self.quality)
 
 
 def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = None,
@@ -230,8 +231,8 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
     quality = np.zeros(shape, dtype=np.uint32)
     for r0 in range(0, ny, max(int(chunk_rows), 1)):
         rows = slice(r0, r0 + max(int(chunk_rows), 1))
-        data = np.stack([f.science[rows] for f in frames]).astype(np.float64)
-        var = np.stack([f.variance[rows] for f in frames]).astype(np.float64)
+        data = np.stack([f.science[rows] for f in frames]).astype(np.float32)
+        var = np.stack([f.variance[rows] for f in frames]).astype(np.float32)
         flags = np.stack([f.quality[rows] for f in frames]).astype(np.uint32)
         dnu = (flags & DQ.DO_NOT_USE) != 0
         valid = np.isfinite(data) & ~dnu
