@@ -42,15 +42,19 @@ def read_header(path, *, hdu=0) -> fits.Header:
         raise InputError(f"cannot read FITS header of {path}: {exc}") from None
 
 
-def _to_float32(hdu) -> np.ndarray:
-    """Scale a (possibly BZERO/BSCALE-scaled) image HDU to native float32."""
+def _to_float32(hdu, out=None) -> np.ndarray:
+    """Scale a (possibly BZERO/BSCALE-scaled) image HDU to native float32 (into ``out`` if given)."""
     raw = hdu.data
     if raw is None:
         raise ValueError("HDU holds no image data")
     hdr = hdu.header
     bzero = float(hdr.get("BZERO", 0.0))
     bscale = float(hdr.get("BSCALE", 1.0))
-    data = np.asarray(raw, dtype=np.float32)  # also converts big-endian to native
+    if out is not None and out.shape == raw.shape:
+        np.copyto(out, raw, casting="unsafe")  # also converts big-endian to native
+        data = out
+    else:
+        data = np.asarray(raw, dtype=np.float32)  # also converts big-endian to native
     if bscale != 1.0:
         data *= np.float32(bscale)
     if bzero != 0.0:
@@ -58,16 +62,19 @@ def _to_float32(hdu) -> np.ndarray:
     return data
 
 
-def read_raw(path) -> tuple[np.ndarray, fits.Header]:
+def read_raw(path, out=None) -> tuple[np.ndarray, fits.Header]:
     """Read one raw read: ``(data float32 (ny, nx), header)``.
 
-    Values are the ADC counts 0..65535 (BZERO applied here).
+    Values are the ADC counts 0..65535 (BZERO applied here).  ``out``: a
+    float32 array of the image's shape to read into (e.g. a plane of a cube);
+    a different shape is ignored (a new array is returned, for the caller to
+    report).
     """
     path = Path(path)
     with _open(path, "raw file") as hdul:
         try:
             hdu = hdul[0]
-            data = _to_float32(hdu)
+            data = _to_float32(hdu, out)
         except (ValueError, TypeError, OSError) as exc:
             raise InputError(f"cannot read image data of {path}: {exc}") from None
         if data.ndim != 2:

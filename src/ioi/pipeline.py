@@ -23,6 +23,7 @@ import numpy as np
 from astropy.io import fits
 
 from ioi import fitsio, sexconfig
+from ioi._memory import release_free_heap
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.discovery import LT, DitherSequence, Multrun
@@ -120,19 +121,43 @@ def gain_for(header) -> tuple[float, str | None]:
                           "GAIN/EPERDN left out of the stack")
 
 
-def read_ramp(seq: DitherSequence, *, saturation_level: float) -> tuple[Ramp, int]:
+_BUFFERS = threading.local()
+
+
+def _thread_buffer(name: str, shape, dtype) -> np.ndarray:
+    """A per-thread array reused from one dither to the next (the ramp cube and its
+    saturation flags: 85 MB a full-size Fowler-2 dither that need not be allocated,
+    and zeroed by the kernel, for every dither).  Valid until the same thread asks
+    again: nothing that outlives a dither may keep a view of it."""
+    buf = getattr(_BUFFERS, name, None)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+        setattr(_BUFFERS, name, None)
+        buf = np.empty(shape, dtype=dtype)
+        setattr(_BUFFERS, name, buf)
+    return buf
+
+
+def read_ramp(seq: DitherSequence, *, saturation_level: float, reuse_buffers: bool = False) -> tuple[Ramp, int]:
     """Read the raw files of one dither into a :class:`Ramp` (border included)
-    and its NOUTPUTS.  Saturation is judged on the raw values here."""
+    and its NOUTPUTS.  Saturation is judged on the raw values here.
+
+    ``reuse_buffers``: the reads and saturation flags go into this thread's
+    reused buffers (:func:`_thread_buffer`), overwritten by its next call."""
     from ioi.stages.combine import flag_saturated
 
     if not seq.reads:
         raise IoiError(f"dither {seq.dither} has no reads", exit_code=ExitCode.NO_SUITABLE_FILES)
     first = seq.reads[0]
-    data0, header0 = fitsio.read_raw(first.path)
-    cube = np.empty((len(seq.reads),) + data0.shape, dtype=np.float32)
-    cube[0] = data0
+    header0 = fitsio.read_header(first.path)
+    shape = (int(header0.get("NAXIS2", 0)), int(header0.get("NAXIS1", 0)))
+    cube_shape = (len(seq.reads),) + shape
+    cube = _thread_buffer("cube", cube_shape, np.float32) if reuse_buffers else np.empty(cube_shape, np.float32)
+    data0, header0 = fitsio.read_raw(first.path, out=cube[0])
+    if data0.shape != shape:
+        raise IoiError(f"{first.path}: image shape {data0.shape} does not match NAXIS1/NAXIS2 {shape}",
+                       exit_code=ExitCode.NO_SUITABLE_FILES)
     for i, r in enumerate(seq.reads[1:], start=1):
-        d, _ = fitsio.read_raw(r.path)
+        d, _ = fitsio.read_raw(r.path, out=cube[i])
         if d.shape != data0.shape:
             raise IoiError(f"{r.path} has shape {d.shape}, {first.path} has {data0.shape}",
                            exit_code=ExitCode.NO_SUITABLE_FILES)
@@ -144,7 +169,8 @@ def read_ramp(seq: DitherSequence, *, saturation_level: float) -> tuple[Ramp, in
     except (TypeError, ValueError):
         raise IoiError(f"{first.path} has a non-integer NOUTPUTS {header0['NOUTPUTS']!r}",
                        exit_code=ExitCode.NO_NOUTPUTS) from None
-    saturated = flag_saturated(cube, level=saturation_level)
+    saturated = flag_saturated(cube, level=saturation_level,
+                               out=_thread_buffer("saturated", cube.shape, bool) if reuse_buffers else None)
     ramp = Ramp(
         reads=cube,
         inttime=np.array([r.inttime for r in seq.reads], dtype=np.float64),
@@ -213,7 +239,7 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
 
     fc = pipe.frame_combination
     with run.stage("read"):
-        ramp, noutputs = read_ramp(seq, saturation_level=fc.saturation_level)
+        ramp, noutputs = read_ramp(seq, saturation_level=fc.saturation_level, reuse_buffers=True)
     rs = pipe.reference_subtraction
     with run.stage("reference"):
         reads = ramp.reads
@@ -324,6 +350,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
             pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no other dither
         # only the file names of the calibration are needed from here: drop the arrays
         cal = dataclasses.replace(cal, flat=None, masks={}, lin_coeffs=None)
+        release_free_heap()  # the ramps' temporaries, freed: not held through the next phases
         _finish(multrun, frames, pipe, cal, run, out_dir, detection)
     except _Quit as q:
         result.stopped_after = q.stage
@@ -359,6 +386,7 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
                 smoothing_box_size=sp.smoothing_box_size, max_iterations=sp.max_robust_iterations,
                 max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources)
             model.subtract_in_place()
+        release_free_heap()
         log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
                  sp.peers_only, sp.mask_sources)
         if sp.hard:

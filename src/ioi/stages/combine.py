@@ -54,13 +54,13 @@ _UTR_CHUNK_VALUES = 1 << 22
 # --------------------------------------------------------------------------- helpers
 
 
-def flag_saturated(raw_reads, *, level: float = 65535.0) -> np.ndarray:
+def flag_saturated(raw_reads, *, level: float = 65535.0, out=None) -> np.ndarray:
     """True where a raw read is at or above ``level`` (ADC saturation).
 
     ``raw_reads``: ``(nreads, ny, nx)`` or ``(ny, nx)`` raw ADU, before
     reference subtraction.  Returns a bool array of the same shape.
     """
-    return np.asarray(raw_reads) >= level
+    return np.greater_equal(np.asarray(raw_reads), level, out=out)
 
 
 def _check_ramp(ramp: Ramp) -> None:
