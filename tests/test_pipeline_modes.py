@@ -78,10 +78,10 @@ def test_late_registration_failure_restamps_written_products(sims, tmp_path, mon
 
     add = register.TransformFinder.add
 
-    def failing_add(self, frame):
+    def failing_add(self, frame, guesses=None):
         if self.count == 3:
             raise register.RegistrationError("frame 3: no stars (test)")
-        return add(self, frame)
+        return add(self, frame, guesses)
 
     monkeypatch.setattr(register.TransformFinder, "add", failing_add)
     result = reduce_multrun(multrun, pipe, paths, tmp_path / "fail")

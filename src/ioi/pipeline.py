@@ -379,12 +379,17 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     n = len(frames)
     model = None
     sp = pipe.sky_subtraction
+    # The sky's first pass finds each frame's sources; registration centroids start
+    # from them instead of running sep's extraction again (not with a user's own
+    # detection settings, use_sexconfig, which then apply as they are).
+    reuse_sources = pipe.registration.do and not pipe.registration.use_sexconfig
     if dithered and sp.do:
         with run.stage("sky"):
             model = sky.model_skies(
                 frames, peers_only=sp.peers_only, algorithm=sp.make_algorithm, bg_sigma_clip=sp.bg_sigma_clip,
                 smoothing_box_size=sp.smoothing_box_size, max_iterations=sp.max_robust_iterations,
-                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources)
+                max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources,
+                keep_sources=reuse_sources)
             model.subtract_in_place()
         release_free_heap()
         log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
@@ -473,8 +478,9 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             if finder is not None and failure is None:
                 light = frames[i].replace(science=model.science(i)) if sky_done else frames[i]
                 try:
+                    guesses = model.sources[i] if sky_done and model.sources is not None else None
                     with run.stage("register"):
-                        t = finder.add(light)
+                        t = finder.add(light, guesses)
                 except register.RegistrationError as exc:
                     failure = exc
                     break

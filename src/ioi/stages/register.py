@@ -156,7 +156,7 @@ def _subtract_background(data, bad, sky_subtracted: bool) -> float:
 
 
 def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, minarea: int = 5,
-                   sky_subtracted: bool = False):
+                   sky_subtracted: bool = False, guesses=None):
     """Detect sources with sep and measure windowed centroids.
 
     Parameters
@@ -174,6 +174,11 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
         The image's sky has been subtracted already: the residual background
         is estimated on a 2x2 subsample (4x cheaper, same registration
         accuracy).  False: on every pixel.
+    guesses : structured array with ``x``, ``y``, ``a``, ``flux``, optional
+        Sources already found in this frame (e.g. by the sky stage on 2x2 block
+        means): sep's extraction is skipped and the windowed centroids start
+        from these positions (the brightest ``_MAX_GUESSES``); a source is kept
+        when its S/N in the centroid window reaches ``thresh``.
 
     Returns
     -------
@@ -196,7 +201,12 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     rms = _subtract_background(data, bad, sky_subtracted)
     sub = data
     np.copyto(sub, np.float32(0.0), where=bad)
-    objs = sep.extract(sub, thresh, err=rms, mask=bad, minarea=minarea)
+    if guesses is not None:
+        objs = _usable_guesses(guesses, bad)
+        if len(objs):  # the flux within the radius flux_radius normalises to (total, not isophotal)
+            objs["flux"], _, _ = sep.sum_circle(sub, objs["x"], objs["y"], 6.0 * objs["a"], mask=bad, subpix=3)
+    else:
+        objs = sep.extract(sub, thresh, err=rms, mask=bad, minarea=minarea)
     if len(objs) == 0:
         return np.zeros(0, dtype=dtype)
     # subpix 3 (not 5): half the cost, half-light radii within 0.5 % -- it only sizes the window
@@ -216,7 +226,29 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     # the S/N within an effective area 4 pi sigma^2, with a small floor.
     snr = objs["flux"][ok] / (rms * np.sqrt(4.0 * np.pi) * sig[ok])
     out["pos_err"] = np.hypot(sig[ok] / np.maximum(snr, 1e-3), _POSITION_ERROR_FLOOR)
+    if guesses is not None:
+        out = out[snr >= thresh]
     return out[np.argsort(-out["flux"], kind="stable")]
+
+
+_MAX_GUESSES = 400  # brightest starting positions kept: matching uses 50, the fit gains little beyond
+
+
+def _usable_guesses(guesses, bad) -> np.ndarray:
+    """Starting positions inside the frame and on a usable pixel, brightest first, with
+    the fields flux_radius and winpos need (``flux`` to be measured in the frame)."""
+    g = np.asarray(guesses)
+    ny, nx = bad.shape
+    ix, iy = np.rint(g["x"]).astype(int), np.rint(g["y"]).astype(int)
+    inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    keep = np.flatnonzero(inside)
+    keep = keep[~bad[iy[keep], ix[keep]]]
+    keep = keep[np.argsort(-g["flux"][keep], kind="stable")][:_MAX_GUESSES]
+    objs = np.zeros(keep.size, dtype=[("x", "f8"), ("y", "f8"), ("a", "f8"), ("flux", "f8")])
+    for name in ("x", "y", "a"):
+        objs[name] = g[name][keep]
+    objs["a"] = np.clip(objs["a"], 0.5, None)
+    return objs
 
 
 _POSITION_ERROR_FLOOR = 0.01  # px: centroiding systematics beyond the noise
@@ -688,20 +720,21 @@ class TransformFinder:
         self.shape = None
         self._ref_src = self._ref_xy = None
 
-    def sources(self, frame) -> np.ndarray:
+    def sources(self, frame, guesses=None) -> np.ndarray:
         """The frame's sources (:func:`detect_sources`, its DO_NOT_USE pixels masked)."""
         m = (frame.quality & DQ.DO_NOT_USE) != 0
-        return detect_sources(frame.science, bad_regions=self.regions, mask=m, **self.detection)
+        return detect_sources(frame.science, bad_regions=self.regions, mask=m, guesses=guesses, **self.detection)
 
-    def add(self, frame) -> Transform:
-        """The transform of ``frame`` relative to the first frame added."""
+    def add(self, frame, guesses=None) -> Transform:
+        """The transform of ``frame`` relative to the first frame added (``guesses``:
+        starting positions for the centroids, see :func:`detect_sources`)."""
         k = self.count
         if self.shape is None:
             self.shape = frame.shape
         elif frame.shape != self.shape:
             raise StageError(f"registration: frame {k} has shape {frame.shape}, frame 0 has {self.shape}",
                              exit_code=ExitCode.DATA_SHAPE_MISMATCH)
-        src = self.sources(frame)
+        src = self.sources(frame, guesses)
         xy = _as_xy(src)
         if k == 0:
             if len(xy) < self.min_matches:

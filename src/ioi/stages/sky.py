@@ -672,14 +672,19 @@ def _bin_plane(plane: np.ndarray, b: int) -> np.ndarray:
         return total / cnt
 
 
+_SOURCE_DTYPE = [("x", "f8"), ("y", "f8"), ("a", "f8"), ("flux", "f8")]
+
+
 def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning: int = 1,
-                        shape=None) -> np.ndarray:
+                        shape=None, sources: bool = False):
     """Pixels of sources found by sep at ``sigma`` x background rms, dilated by ``dilate`` px.
 
     ``image`` may be a ``binning`` x ``binning`` block-averaged frame: the
     sources worth masking are several pixels wide, a binned image has
     ``binning``^2 fewer pixels to segment (sep's cost), and the mask is
     expanded back to the full-resolution ``shape``.  NaN pixels are ignored.
+    ``sources=True``: also return the sources (deblended), a structured array
+    ``x``, ``y``, ``a`` (full-resolution pixels) and ``flux``, brightest first.
     """
     import sep  # deferred: only the two-pass mode needs it
 
@@ -689,7 +694,8 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     data[bad] = 0.0
     full_shape = tuple(shape) if shape is not None else data.shape
     if bad.all():
-        return np.zeros(full_shape, dtype=bool)
+        empty = np.zeros(full_shape, dtype=bool)
+        return (empty, np.zeros(0, dtype=_SOURCE_DTYPE)) if sources else empty
     bkg = sep.Background(data, mask=bad)
     sub = data - bkg.back()
     sub[bad] = 0.0
@@ -698,9 +704,10 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     try:
         # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
         # surface-brightness limit of a full-resolution detection at ``sigma``
-        # a mask needs no deblending (3x faster with one threshold level)
-        _, seg = sep.extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
-                             segmentation_map=True, deblend_nthresh=1)
+        # a mask needs no deblending (3x faster with one threshold level); a source
+        # list for the registration does
+        objs, seg = sep.extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
+                                segmentation_map=True, deblend_nthresh=32 if sources else 1)
     finally:
         sep.set_extract_pixstack(old)
     mask = seg > 0
@@ -711,7 +718,16 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
         mask = ndimage.maximum_filter(mask, size=2 * grow + 1)
     if b > 1:
         mask = np.repeat(np.repeat(mask, b, axis=0), b, axis=1)[:full_shape[0], :full_shape[1]]
-    return np.ascontiguousarray(mask)
+    mask = np.ascontiguousarray(mask)
+    if not sources:
+        return mask
+    found = np.zeros(len(objs), dtype=_SOURCE_DTYPE)
+    # block (j, i) covers full-resolution pixels b*j .. b*j + b - 1: centre b*j + (b - 1)/2
+    found["x"] = objs["x"] * b + (b - 1) / 2.0
+    found["y"] = objs["y"] * b + (b - 1) / 2.0
+    found["a"] = objs["a"] * b
+    found["flux"] = objs["flux"]
+    return mask, found[np.argsort(-found["flux"], kind="stable")]
 
 
 def _sky_pass(planes: _Planes, variances, *, peers_only, alg, bg_sigma_clip, max_iterations,
@@ -775,6 +791,7 @@ class SkyModel:
         self._masks = None if masks is None else [_pack(m) for m in masks]
         self.notes = notes
         self.nan_left = nan_left
+        self.sources = None  # first-pass source lists, with model_skies(keep_sources=True)
         self._keywords = keywords
         self._box = smoothing_box_size
         self._passes = fill_passes
@@ -849,9 +866,13 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                 bg_sigma_clip: float = 3.0, smoothing_box_size: int = 5,
                 max_iterations: int = 50, max_unsolved_percentage: float = 1.0,
                 mask_sources: bool = True, source_sigma: float = 3.0, mask_dilate: int = 5,
-                fill_passes: int | None = 1) -> SkyModel:
+                fill_passes: int | None = 1, keep_sources: bool = False) -> SkyModel:
     """Build a sky for every dither frame from the frames themselves (see :func:`subtract_sky`
     for the parameters) without subtracting it: a :class:`SkyModel`.
+
+    ``keep_sources``: with ``mask_sources``, keep each frame's first-pass source
+    list (``SkyModel.sources``: positions to start centroids from, see
+    :func:`ioi.stages.register.detect_sources`).
 
     Memory: the frames are read by rows; besides them the model holds one sky
     per frame, the source masks and two planes for the sky variances, never a
@@ -875,6 +896,7 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
               max_iterations=max_iterations, max_unsolved_percentage=max_unsolved_percentage,
               notes=notes)
     masks = None
+    sources = None
     if not mask_sources:
         planes = _Planes([f.science for f in frames], dnu)
         skies, sky_vars, off, levels, unsolved = _sky_pass(planes, variances, **kw)
@@ -885,10 +907,14 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         b = _FIRST_PASS_BINNING
         small = [_bin_plane(np.where(dnu[k], np.float32(np.nan), f.science), b) for k, f in enumerate(frames)]
         first, _, _, _, _ = _sky_pass(_Planes(small), None, with_variance=False, **kw)
-        masks = []
+        masks, sources = [], []
         for i in range(n):
-            masks.append(_detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
-                                             binning=b, shape=shape))
+            found = _detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
+                                        binning=b, shape=shape, sources=keep_sources)
+            if keep_sources:
+                found, listed = found
+                sources.append(listed)
+            masks.append(found)
             small[i] = None
         for i in range(n):
             dnu[i] |= masks[i]  # leave the masked sources out of the second pass
@@ -933,9 +959,11 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         warnings.warn(StageWarning(f"sky pixels remain NaN after box filling (smoothing_box_size = "
                                    f"{smoothing_box_size}), per frame {counts}; flagged NO_SKY",
                                    exit_code=ExitCode.SKY_BAD_PIXELS_REMAIN), stacklevel=2)
-    return SkyModel(frames, skies, sky_vars, offsets=off, levels=levels, unsolved=unsolved, masks=masks,
-                    notes=notes, nan_left=nan_left, keywords=keywords, smoothing_box_size=smoothing_box_size,
-                    fill_passes=fill_passes)
+    model = SkyModel(frames, skies, sky_vars, offsets=off, levels=levels, unsolved=unsolved, masks=masks,
+                     notes=notes, nan_left=nan_left, keywords=keywords, smoothing_box_size=smoothing_box_size,
+                     fill_passes=fill_passes)
+    model.sources = sources if keep_sources else None
+    return model
 
 
 def subtract_sky(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
