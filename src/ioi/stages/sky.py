@@ -25,10 +25,12 @@ of the level-normalised stack instead of ``n`` separate medians.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -428,20 +430,29 @@ class _Planes:
     """The n frames' values by rows, with excluded pixels as NaN.
 
     ``values[k]`` are (ny, nx) arrays (not copied); ``exclude[k]`` bool planes or
-    None (True = leave out, e.g. DO_NOT_USE or a masked source).  Rows are
-    copied on request, so no (n, ny, nx) stack is ever built.
+    None (True = leave out, e.g. DO_NOT_USE or a masked source), kept packed
+    eight pixels a byte along rows (the caller may drop its own planes).  Rows
+    are copied on request, so no (n, ny, nx) stack is ever built.
     """
 
     def __init__(self, values, exclude=None):
         self.values = list(values)
-        self.exclude = list(exclude) if exclude is not None else [None] * len(self.values)
         self.n = len(self.values)
         self.shape = self.values[0].shape
+        self.exclude = [None if e is None else np.packbits(e, axis=1)
+                        for e in (exclude if exclude is not None else [None] * self.n)]
+
+    def _excluded(self, k: int, rows: slice = slice(None)):
+        packed = self.exclude[k]
+        if packed is None:
+            return None
+        return np.unpackbits(packed[rows], axis=1, count=self.shape[1]).view(bool)
 
     def rows(self, k: int, rows: slice) -> np.ndarray:
         out = np.array(self.values[k][rows], dtype=np.float32, copy=True)
-        if self.exclude[k] is not None:
-            out[self.exclude[k][rows]] = np.nan
+        ex = self._excluded(k, rows)
+        if ex is not None:
+            out[ex] = np.nan
         return out
 
     def sample(self, idx: np.ndarray) -> np.ndarray:
@@ -449,14 +460,16 @@ class _Planes:
         out = np.empty((self.n, idx.size), dtype=np.float64)
         for k in range(self.n):
             out[k] = self.values[k].reshape(-1)[idx]
-            if self.exclude[k] is not None:
-                out[k][self.exclude[k].reshape(-1)[idx]] = np.nan
+            ex = self._excluded(k)
+            if ex is not None:
+                out[k][ex.reshape(-1)[idx]] = np.nan
         return out
 
     def valid(self, k: int) -> np.ndarray:
         ok = np.isfinite(self.values[k])
-        if self.exclude[k] is not None:
-            ok &= ~self.exclude[k]
+        ex = self._excluded(k)
+        if ex is not None:
+            ok &= ~ex
         return ok
 
     def stack(self) -> np.ndarray:
@@ -481,13 +494,23 @@ def _pair_offsets(planes, sigma: float, seed: int = 0):
     sub = planes.sample(idx)  # (n, m) small
     off = np.zeros((n, n))
     rms = np.zeros((n, n))
-    for i in range(n):
-        for j in range(i + 1, n):
-            d = sub[i] - sub[j]
-            d = d[np.isfinite(d)]
-            m, s = _clip_stats(d, sigma, what=f"frames {i} and {j}")
-            off[i, j], off[j, i] = m, -m
-            rms[i, j] = rms[j, i] = s
+
+    def clip(pair):
+        i, j = pair
+        d = sub[i] - sub[j]
+        return _clip_stats(d[np.isfinite(d)], sigma, what=f"frames {i} and {j}")
+
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    # numpy's partition (the medians) releases the GIL: pairs on the machine's cores
+    workers = min(os.cpu_count() or 1, len(pairs))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            stats = list(pool.map(clip, pairs))
+    else:
+        stats = [clip(p) for p in pairs]
+    for (i, j), (m, s) in zip(pairs, stats):
+        off[i, j], off[j, i] = m, -m
+        rms[i, j] = rms[j, i] = s
     return off, rms
 
 
@@ -607,19 +630,23 @@ class _SkyVariances:
     stacking the variance planes, and each frame's own term is removed for
     ``peers_only`` when that frame's sky variance is asked for: one frame-sized
     result at a time instead of n.  NaN where no frame contributes.
-    ``valid``: a list of n bool planes (True = the frame contributes there).
+    ``valid``: a function of the frame index giving its bool plane (True = the
+    frame contributes there); each plane is kept packed once counted.
     """
 
     def __init__(self, variances, valid, *, peers_only: bool, factor: float):
         self.variances = variances
         self.peers_only = peers_only and len(variances) > 1
         self.factor = np.float32(factor)
-        total = np.zeros(valid[0].shape, dtype=np.float64)
-        count = np.zeros(valid[0].shape, dtype=np.int16)
-        for v, ok in zip(variances, valid):
+        shape = np.shape(variances[0])
+        total = np.zeros(shape, dtype=np.float64)
+        count = np.zeros(shape, dtype=np.int16)
+        self.valid = []
+        for k, v in enumerate(variances):
+            ok = valid(k)
             total += np.where(ok, v, np.float32(0.0))
             count += ok
-        self.valid = [_pack(ok) for ok in valid]
+            self.valid.append(_pack(ok))
         self.total = total.astype(np.float32)
         self.count = count
 
@@ -673,6 +700,29 @@ def _bin_plane(plane: np.ndarray, b: int) -> np.ndarray:
 
 
 _SOURCE_DTYPE = [("x", "f8"), ("y", "f8"), ("a", "f8"), ("flux", "f8")]
+_PIXSTACK_LOCK = threading.Lock()
+_PIXSTACK_USERS = [0, None]  # threads inside _sep_pixstack, the value to restore
+
+
+@contextlib.contextmanager
+def _sep_pixstack(size: int):
+    """sep's pixel stack (a process-wide setting) at least ``size`` while any thread is
+    inside; the first thread in raises it, the last one out restores it."""
+    import sep
+
+    with _PIXSTACK_LOCK:
+        if _PIXSTACK_USERS[0] == 0:
+            _PIXSTACK_USERS[1] = sep.get_extract_pixstack()
+        _PIXSTACK_USERS[0] += 1
+        if sep.get_extract_pixstack() < size:
+            sep.set_extract_pixstack(size)
+    try:
+        yield
+    finally:
+        with _PIXSTACK_LOCK:
+            _PIXSTACK_USERS[0] -= 1
+            if _PIXSTACK_USERS[0] == 0:
+                sep.set_extract_pixstack(_PIXSTACK_USERS[1])
 
 
 def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning: int = 1,
@@ -699,17 +749,13 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     bkg = sep.Background(data, mask=bad)
     sub = data - bkg.back()
     sub[bad] = 0.0
-    old = sep.get_extract_pixstack()
-    sep.set_extract_pixstack(max(old, data.size))
-    try:
+    with _sep_pixstack(data.size):
         # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
         # surface-brightness limit of a full-resolution detection at ``sigma``
         # a mask needs no deblending (3x faster with one threshold level); a source
         # list for the registration does
         objs, seg = sep.extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
                                 segmentation_map=True, deblend_nthresh=32 if sources else 1)
-    finally:
-        sep.set_extract_pixstack(old)
     mask = seg > 0
     grow = int(dilate) // b  # dilation in binned pixels (the blocks add up to b - 1 more)
     if grow > 0:
@@ -756,7 +802,7 @@ def _sky_pass(planes: _Planes, variances, *, peers_only, alg, bg_sigma_clip, max
         del stack
     sky_variances = None
     if with_variance:
-        sky_variances = _SkyVariances(variances, [planes.valid(k) for k in range(n)], peers_only=peers_only,
+        sky_variances = _SkyVariances(variances, planes.valid, peers_only=peers_only,
                                       factor=_VARIANCE_FACTOR[alg])
     return skies, sky_variances, off, levels, unsolved
 
@@ -788,7 +834,7 @@ class SkyModel:
         self.offsets = offsets
         self.levels = levels
         self.unsolved_fraction = np.asarray(unsolved, dtype=np.float64)
-        self._masks = None if masks is None else [_pack(m) for m in masks]
+        self._masks = None if masks is None else [m if isinstance(m, tuple) else _pack(m) for m in masks]
         self.notes = notes
         self.nan_left = nan_left
         self.sources = None  # first-pass source lists, with model_skies(keep_sources=True)
@@ -905,20 +951,28 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         # sources to mask, which are several pixels wide (4x fewer pixels to
         # combine and to segment).
         b = _FIRST_PASS_BINNING
-        small = [_bin_plane(np.where(dnu[k], np.float32(np.nan), f.science), b) for k, f in enumerate(frames)]
-        first, _, _, _, _ = _sky_pass(_Planes(small), None, with_variance=False, **kw)
-        masks, sources = [], []
-        for i in range(n):
-            found = _detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
-                                        binning=b, shape=shape, sources=keep_sources)
-            if keep_sources:
-                found, listed = found
-                sources.append(listed)
-            masks.append(found)
-            small[i] = None
+        workers = min(os.cpu_count() or 1, n)
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy (and sep's setup) per frame
+            small = list(pool.map(lambda k: _bin_plane(np.where(dnu[k], np.float32(np.nan), frames[k].science), b),
+                                  range(n)))
+            first, _, _, _, _ = _sky_pass(_Planes(small), None, with_variance=False, **kw)
+
+            def detect(i):
+                found = _detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
+                                            binning=b, shape=shape, sources=keep_sources)
+                small[i] = None
+                return found
+
+            found = list(pool.map(detect, range(n)))
+        masks = [x[0] for x in found] if keep_sources else found
+        sources = [x[1] for x in found] if keep_sources else []
+        del found
+        fractions = [float(m.mean()) for m in masks]
         for i in range(n):
             dnu[i] |= masks[i]  # leave the masked sources out of the second pass
+            masks[i] = _pack(masks[i])
         planes = _Planes([f.science for f in frames], dnu)
+        del dnu  # packed in planes
         skies, sky_vars, off, levels, unsolved = _sky_pass(planes, variances, **kw)
         for i in range(n):
             # Where every contributing frame is masked keep the first-pass sky
@@ -928,8 +982,7 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                 ys, xs = np.nonzero(hole)
                 skies[i][ys, xs] = first[i][ys // b, xs // b]
             first[i] = None
-        log.info("sky: second pass with %s source pixels masked",
-                 ", ".join(f"{m.mean():.1%}" for m in masks))
+        log.info("sky: second pass with %s source pixels masked", ", ".join(f"{m:.1%}" for m in fractions))
     del planes
     nan_left = []  # (frame, pixels) with NaN sky after filling: one warning for all
     keywords = []
