@@ -12,10 +12,11 @@ The price is that every such array is a fresh mapping whose pages the kernel
 must zero (system time).  The pipeline therefore reuses its largest per-dither
 arrays (the ramp cube and its saturation flags, ``pipeline._thread_buffer``)
 and trims the heap between phases (:func:`release_free_heap`).  Measured on
-2026-11-25 (9 dithers, 2 cores): this fixed threshold, 930 MB peak and 5.4 s;
-glibc's dynamic threshold, 1.0-1.05 GB and 5.0 s; a large threshold during
-the ramp phase only, 1.03-1.05 GB and 5.0 s.  No maintained library sets
-these; numpy leaves allocation to the C library.
+2026-11-25 (9 dithers, 2 cores, ``make bench``'s case): this fixed threshold,
+913-923 MB peak and 4.7-5.0 s; glibc's dynamic threshold, about 1.0 GB and
+4.6-4.7 s.  (A large threshold during the ramp phase only was tried: no faster
+than dynamic, and as large.)  No maintained library sets these; numpy leaves
+allocation to the C library.
 
 ``IOI_MMAP_THRESHOLD`` (bytes) overrides the threshold; 0 leaves glibc's own
 dynamic threshold alone.
