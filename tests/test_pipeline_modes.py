@@ -96,3 +96,33 @@ def test_late_registration_failure_restamps_written_products(sims, tmp_path, mon
             assert [h.name for h in g] == [h.name for h in w]
             for hg, hw in zip(g[1:], w[1:]):
                 np.testing.assert_array_equal(hg.data, hw.data)
+
+
+def test_hard_quit_and_write_output(sims, tmp_path):
+    """`hard` writes a stage's intermediate frames, `quit` stops after it, and
+    `write_output = 0` writes no product (the report is still made)."""
+    sim = sims["fowler32"]
+    pipe, paths = load_settings(pipeline_ini=sim.pipeline_ini, paths_ini=sim.paths_ini)
+    (multrun,) = discover(sim.raw_dir)
+
+    hard = pipe.replace("sky_subtraction", hard=1).replace("registration", hard=1)
+    result = reduce_multrun(multrun, hard, paths, tmp_path / "hard")
+    names = sorted(p.name for p in result.intermediate)
+    assert len([n for n in names if n.endswith("_skysub.fits")]) == 4
+    assert len([n for n in names if n.endswith("_registered.fits")]) == 4
+    assert result.l2_product is not None and len(result.l1_products) == 4
+    with fits.open(next(p for p in result.intermediate if p.name.endswith("_2_registered.fits"))) as h:
+        assert h[1].header["L1REG"] == 1 and np.isfinite(h[1].data).mean() > 0.8
+
+    quit_sky = pipe.replace("sky_subtraction", quit=1)
+    result = reduce_multrun(multrun, quit_sky, paths, tmp_path / "quit")
+    assert result.l2_product is None  # neither registered nor stacked after the sky
+    assert len(result.l1_products) == 4
+    with fits.open(result.l1_products[0]) as h:
+        assert h[0].header["L1SKYSUB"] == 1 and h[0].header["L1REG"] == 0 and h[0].header["L1STK"] == 0
+
+    silent = pipe.replace("general", write_output=0)
+    out = tmp_path / "silent"
+    result = reduce_multrun(multrun, silent, paths, out)
+    assert result.l1_products == [] and result.l2_product is None
+    assert not list(out.glob("*.fits")) and result.report is not None and result.report.exists()
