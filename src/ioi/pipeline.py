@@ -19,6 +19,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bottleneck as bn
 import numpy as np
 from astropy.io import fits
 
@@ -573,8 +574,8 @@ def _robust_sigma(values) -> float:
         return float("nan")
     if v.size > 200_000:
         v = v[:: v.size // 200_000]
-    med = np.median(v)
-    return float(1.4826 * np.median(np.abs(v - med)))
+    med = bn.median(v)
+    return float(1.4826 * bn.median(np.abs(v - med)))
 
 
 def _dither_stats(seq: DitherSequence, frame: Frame, sky_frame, transform) -> dict:
@@ -584,13 +585,13 @@ def _dither_stats(seq: DitherSequence, frame: Frame, sky_frame, transform) -> di
         "dither": seq.dither,
         "reads": len(seq.reads),
         "exptime_s": float(frame.header.get("EXPTIME", float("nan"))),
-        "median_level_adu": float(np.nanmedian(sample)) if np.isfinite(sample).any() else None,
+        "median_level_adu": float(bn.nanmedian(sample)) if np.isfinite(sample).any() else None,
         "bad_pixel_fraction": float(np.mean((frame.quality[::4, ::4] & DQ.DO_NOT_USE) != 0)),
         "read_noise_adu": frame.header.get("RDNOISE"),
     }
     if sky_frame is not None:
         entry["sky_subtracted_rms_adu"] = _robust_sigma(sky_frame.science[::4, ::4].ravel())
-        entry["sky_subtracted_median_adu"] = float(np.nanmedian(sky_frame.science[::4, ::4]))
+        entry["sky_subtracted_median_adu"] = float(bn.nanmedian(sky_frame.science[::4, ::4]))
     if transform is not None:
         t = transform
         entry["registration"] = {"dx": float(t.dx), "dy": float(t.dy), "rotation_deg": float(t.rotation_deg),
