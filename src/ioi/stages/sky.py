@@ -626,7 +626,7 @@ def _unpack(packed) -> np.ndarray:
 class _SkyVariances:
     """factor x mean(variance of the contributing frames) / n_contributing, per frame on demand.
 
-    The sum over all frames is accumulated once (float64, then float32) without
+    The sum over all frames is accumulated once (float32) without
     stacking the variance planes, and each frame's own term is removed for
     ``peers_only`` when that frame's sky variance is asked for: one frame-sized
     result at a time instead of n.  NaN where no frame contributes.
@@ -639,15 +639,15 @@ class _SkyVariances:
         self.peers_only = peers_only and len(variances) > 1
         self.factor = np.float32(factor)
         shape = np.shape(variances[0])
-        total = np.zeros(shape, dtype=np.float64)
+        total = np.zeros(shape, dtype=np.float32)  # float32: a sum of a few dozen positive terms
         count = np.zeros(shape, dtype=np.int16)
         self.valid = []
         for k, v in enumerate(variances):
             ok = valid(k)
-            total += np.where(ok, v, np.float32(0.0))
+            np.add(total, v, out=total, where=ok)
             count += ok
             self.valid.append(_pack(ok))
-        self.total = total.astype(np.float32)
+        self.total = total
         self.count = count
 
     def release(self, i: int) -> None:
