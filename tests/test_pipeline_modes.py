@@ -126,3 +126,25 @@ def test_hard_quit_and_write_output(sims, tmp_path):
     result = reduce_multrun(multrun, silent, paths, out)
     assert result.l1_products == [] and result.l2_product is None
     assert not list(out.glob("*.fits")) and result.report is not None and result.report.exists()
+
+
+@pytest.mark.parametrize("sim_name, method", [("fowler32", "FOWLER"), ("cds4", "CDS"), ("utr1", "UTR")])
+def test_calibrated_frames_do_not_share_the_reused_ramp_buffers(sims, tmp_path, sim_name, method):
+    """Each thread reads its dithers into one reused cube: no calibrated frame may keep a view
+    of it (the next dither would overwrite that frame)."""
+    from ioi import pipeline
+    from ioi.calibration import load_calibration
+
+    sim = sims[sim_name]
+    pipe, paths = load_settings(pipeline_ini=sim.pipeline_ini, paths_ini=sim.paths_ini)
+    pipe = pipe.replace("frame_combination", method=method)
+    (multrun,) = discover(sim.raw_dir)
+    cal = load_calibration(pipe, paths)
+    run = pipeline._Run(pipeline.ReductionResult(multrun=multrun.name))
+    frame = pipeline.process_dither(multrun.dithers[0], pipe, cal, run, tmp_path, multrun.name)
+    before = frame.science.copy()
+    buffers = [getattr(pipeline._BUFFERS, name) for name in ("cube", "saturated")]
+    for plane in (frame.science, frame.variance, frame.quality):
+        assert not any(np.shares_memory(plane, b) for b in buffers)
+    pipeline.process_dither(multrun.dithers[1], pipe, cal, run, tmp_path, multrun.name)  # reuses them
+    np.testing.assert_array_equal(frame.science, before)
