@@ -368,11 +368,13 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     Memory: besides the unsubtracted frames only the sky-subtracted science is
     held for every frame (the sky model turns each sky into it in place); the
     variance and flags of a sky-subtracted frame are made when it is written.
-    Once the transforms are known, each frame in turn is written as its L1
-    product, resampled and added to a running stack, then released (two frames
-    at a time on threads; sums are added in frame order, so the result does not
-    depend on the threads).  A sigma-clipped stack needs every resampled frame
-    at once and keeps them.
+    Then frame by frame: its transform is measured on this thread while two
+    worker threads write the earlier frames' L1 products (under temporary names
+    until every frame is done: their keywords say whether registration and the
+    stack succeeded) and resample them into a running stack, releasing each
+    frame; sums are added in frame order, so the result does not depend on the
+    threads.  A sigma-clipped stack needs every resampled frame at once and
+    keeps them.
     """
     from ioi.stages import register, sky, stack
 
