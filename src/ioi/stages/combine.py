@@ -29,13 +29,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import bottleneck as bn
 import numpy as np
 from astropy.io import fits
 
+from ioi._parallel import thread_map
 from ioi.errors import ConfigError, ExitCode, StageError
 from ioi.frame import DQ, Frame, Ramp
 from ioi.stages.nonlinearity import check_calibration_shape, horner_factor, horner_poly
@@ -208,14 +207,7 @@ def _combine_pairs(ramp: Ramp, linearity, plan: _Pairs, chunk_rows: int):
                             None if linearity is None else linearity[:, rows], plan, science[rows], variance[rows])
         return flat + r0 * nx  # flat indices into the frame
 
-    starts = range(0, ny, max(1, int(chunk_rows)))
-    workers = min(os.cpu_count() or 1, len(starts))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            irregular = list(pool.map(part, starts))
-    else:
-        irregular = [part(r0) for r0 in starts]
-    irregular = np.concatenate(irregular)
+    irregular = np.concatenate(thread_map(part, range(0, ny, max(1, int(chunk_rows)))))
     if irregular.size:  # all chunks' pixels with a saturated read at once: one set of small-array calls
         _pairs_irregular(ramp.reads, sat, linearity, plan, np.divmod(irregular, nx), science, variance, quality)
     return science, variance, quality

@@ -27,14 +27,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from ioi._parallel import thread_map
 from ioi.errors import ConfigError, ExitCode, IoiError, StageError
 from ioi.frame import DQ, Frame
 from ioi.stages.sky import fill_nan_box_mean
@@ -793,12 +792,7 @@ def resample_frames(frames, transforms, *, geometry: str = "SHIFT", bad_threshol
             frames[k] = None
         return res
 
-    workers = max(1, min(threads if threads else (os.cpu_count() or 1), len(frames) - 1))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            out.extend(pool.map(resample, range(1, len(frames))))
-    else:
-        out.extend(resample(k) for k in range(1, len(frames)))
+    out.extend(thread_map(resample, range(1, len(frames)), workers=threads))
     if release:
         frames[0] = None
     return out

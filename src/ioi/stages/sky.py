@@ -29,15 +29,14 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import bottleneck as bn
 import numpy as np
 from scipy import ndimage
 
+from ioi._parallel import thread_map
 from ioi.errors import ExitCode, IoiError, StageError, StageWarning
 from ioi.frame import DQ
 
@@ -501,13 +500,7 @@ def _pair_offsets(planes, sigma: float, seed: int = 0):
         return _clip_stats(d[np.isfinite(d)], sigma, what=f"frames {i} and {j}")
 
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    # numpy's partition (the medians) releases the GIL: pairs on the machine's cores
-    workers = min(os.cpu_count() or 1, len(pairs))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            stats = list(pool.map(clip, pairs))
-    else:
-        stats = [clip(p) for p in pairs]
+    stats = thread_map(clip, pairs)  # numpy's partition (the medians) releases the GIL
     for (i, j), (m, s) in zip(pairs, stats):
         off[i, j], off[j, i] = m, -m
         rms[i, j] = rms[j, i] = s
@@ -600,16 +593,9 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
             med += levels[i]
             skies[i][rows] = med
 
-    starts = range(0, ny, chunk_rows)
     # numpy's element-wise operations release the GIL: row chunks (disjoint
     # output rows) run on the machine's cores
-    workers = min(os.cpu_count() or 1, len(starts))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(chunk, starts))
-    else:
-        for r0 in starts:
-            chunk(r0)
+    thread_map(chunk, range(0, ny, chunk_rows))
     return skies
 
 
@@ -951,19 +937,18 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         # sources to mask, which are several pixels wide (4x fewer pixels to
         # combine and to segment).
         b = _FIRST_PASS_BINNING
-        workers = min(os.cpu_count() or 1, n)
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy (and sep's setup) per frame
-            small = list(pool.map(lambda k: _bin_plane(np.where(dnu[k], np.float32(np.nan), frames[k].science), b),
-                                  range(n)))
-            first, _, _, _, _ = _sky_pass(_Planes(small), None, with_variance=False, **kw)
+        # per frame on threads: numpy (and sep's setup, not its extraction) release the GIL
+        small = thread_map(lambda k: _bin_plane(np.where(dnu[k], np.float32(np.nan), frames[k].science), b),
+                           range(n))
+        first, _, _, _, _ = _sky_pass(_Planes(small), None, with_variance=False, **kw)
 
-            def detect(i):
-                found = _detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
-                                            binning=b, shape=shape, sources=keep_sources)
-                small[i] = None
-                return found
+        def detect(i):
+            found = _detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
+                                        binning=b, shape=shape, sources=keep_sources)
+            small[i] = None
+            return found
 
-            found = list(pool.map(detect, range(n)))
+        found = thread_map(detect, range(n))
         masks = [x[0] for x in found] if keep_sources else found
         sources = [x[1] for x in found] if keep_sources else []
         del found

@@ -27,8 +27,14 @@ log = logging.getLogger(__name__)
 
 STACKING_METHODS = ("MEAN", "COADD", "MEANANDSCALE")
 
-__all__ = ["STACKING_METHODS", "GAIN_BY_ASICGAIN", "StackResult", "StackAccumulator", "stack_frames",
-           "gain_keywords"]
+__all__ = [
+    "GAIN_BY_ASICGAIN",
+    "STACKING_METHODS",
+    "StackAccumulator",
+    "StackResult",
+    "gain_keywords",
+    "stack_frames",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -224,7 +230,7 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
         if f.shape != shape:
             raise StageError(f"stacking: frame {k} has shape {f.shape}, frame 0 has {shape}",
                              exit_code=ExitCode.STACKING_FAILED)
-    ny, nx = shape
+    ny = shape[0]
     science = np.empty(shape, dtype=np.float32)
     variance = np.empty(shape, dtype=np.float32)
     count = np.empty(shape, dtype=np.int16)
