@@ -106,3 +106,23 @@ def test_sky_model_gives_subtract_sky_frames_one_at_a_time():
         assert got.header["SKYLEVEL"] == want.header["SKYLEVEL"]
     # the inputs are untouched
     assert all(np.isfinite(f.science).sum() > 0.9 * f.science.size for f in frames)
+
+
+@pytest.mark.parametrize("peers_only", [True, False])
+def test_sky_variance_is_the_mean_variance_of_the_contributing_frames(peers_only):
+    """Sky variance = (pi/2) x mean(contributing variances) / n_contributing, the same on
+    every call and for every frame (the shared running sum must never be modified)."""
+    rng = np.random.default_rng(5)
+    frames = _random_frames(rng, 4, shape=(40, 30), nan_fraction=0.0, dnu_fraction=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = S.model_skies(frames, mask_sources=False, peers_only=peers_only)
+    var = np.stack([f.variance for f in frames]).astype(np.float64)
+    for i in range(4):
+        used = [j for j in range(4) if j != i] if peers_only else list(range(4))
+        expect = np.pi / 2 * var[used].sum(axis=0) / len(used) ** 2
+        first = model.subtracted(i).variance - frames[i].variance
+        again = model.subtracted(i).variance - frames[i].variance
+        ok = np.isfinite(expect)
+        np.testing.assert_allclose(first[ok], expect[ok], rtol=1e-5)
+        np.testing.assert_array_equal(first, again)

@@ -518,8 +518,7 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
     values without frame ``i`` (value ``x``) is ``s[k]`` if ``s[k] < x`` else
     ``s[k + 1]``: no ranks are needed.  Pixels where every frame is finite (the
     bulk) take fixed positions; the others are gathered.  Equal to
-    ``nanmedian`` over the peers up to float rounding of the mean of the two
-    middle values.
+    ``nanmedian`` over the peers (the two middle values averaged in float64).
     """
     n = planes.n
     ny, nx = planes.shape
@@ -549,8 +548,7 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
         if partial.size:
             cnt = count.reshape(-1)[partial].astype(np.int64)
             cols = np.arange(partial.size)
-            S = [si.reshape(-1)[partial] for si in s]
-            srt = np.stack(S)  # (n, m): the sorted values of the pixels with a missing frame
+            srt = np.stack([si.reshape(-1)[partial] for si in s])  # (n, m): pixels with a missing frame
 
             def around(c):
                 """Sorted values at positions k1, k1+1, k1+2 (k1 = (c-1)//2) and whether c is even."""
@@ -641,12 +639,13 @@ class _SkyVariances:
 
     def __call__(self, i: int, variance=None) -> np.ndarray:
         """Sky variance of frame ``i``; ``variance``: the frame's own variance once released."""
-        s, c = self.total, self.count
         if self.peers_only:
             valid = _unpack(self.valid[i])
             own = self.variances[i] if variance is None else variance
-            s = s - np.where(valid, own, np.float32(0.0))
-            c = c - valid
+            s = self.total - np.where(valid, own, np.float32(0.0))
+            c = self.count - valid
+        else:
+            s, c = self.total.copy(), self.count  # s is scaled in place below: never the shared sum
         c = c.astype(np.float32)
         c *= c
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -810,20 +809,20 @@ class SkyModel:
     in :class:`SkyResult`.
     """
 
-    def __init__(self, frames, skies, sky_variances, *, offsets, levels, unsolved, masks, notes, nan_left,
-                 keywords, smoothing_box_size, fill_passes):
+    def __init__(self, frames, skies, sky_variances, *, offsets, levels, unsolved, masks, notes, nosky,
+                 keywords, smoothing_box_size, fill_passes, sources=None):
         self.frames = frames
         self.skies = skies
         self._science = None
-        self._nosky = [np.flatnonzero(~np.isfinite(sky)) for sky in skies]
+        self._nosky = nosky  # per frame, flat indices of the pixels with no sky
         self._sky_variances = sky_variances
         self.offsets = offsets
         self.levels = levels
         self.unsolved_fraction = np.asarray(unsolved, dtype=np.float64)
         self._masks = None if masks is None else [m if isinstance(m, tuple) else _pack(m) for m in masks]
         self.notes = notes
-        self.nan_left = nan_left
-        self.sources = None  # first-pass source lists, with model_skies(keep_sources=True)
+        self.nan_left = [(k, int(ix.size)) for k, ix in enumerate(nosky) if ix.size]
+        self.sources = sources  # first-pass source lists, with model_skies(keep_sources=True)
         self._keywords = keywords
         self._box = smoothing_box_size
         self._passes = fill_passes
@@ -851,10 +850,21 @@ class SkyModel:
         return np.subtract(f.science, self.skies[i], dtype=np.float32)
 
     def sky_variance(self, i: int, frame=None) -> np.ndarray:
-        """The variance of sky ``i`` (float32, NaN holes filled like the sky)."""
-        own = None if frame is None else frame.variance
-        return fill_nan_box_mean(self._sky_variances(i, own), box=self._box, max_passes=self._passes,
-                                 copy=False)
+        """The variance of sky ``i`` (float32), NaN holes filled like the sky.
+
+        With one fill pass (which takes only the originally finite neighbours)
+        the filling is limited to the pixels where the frame's own variance is
+        finite: where that is NaN (DO_NOT_USE pixels) the frame's total variance
+        is NaN whatever the sky's.  ``frame``: frame ``i`` once released."""
+        f = self.frames[i] if frame is None else frame
+        variance = self._sky_variances(i, f.variance)
+        if self._passes == 1 and np.count_nonzero(np.isnan(variance)) <= _SPARSE_FILL_FRACTION * variance.size:
+            hole = ~np.isfinite(variance)
+            hole &= np.isfinite(f.variance)
+            if hole.any():
+                _fill_sparse(variance, hole, self._box)
+            return variance
+        return fill_nan_box_mean(variance, box=self._box, max_passes=self._passes, copy=False)
 
     def subtracted(self, i: int, frame=None):
         """Frame ``i`` minus its sky: science - sky, variance + sky variance,
@@ -863,17 +873,7 @@ class SkyModel:
         has released it from the model (see :meth:`release`)."""
         f = self.frames[i] if frame is None else frame
         science = self.science(i, f)
-        variance = self._sky_variances(i, f.variance)
-        if self._passes == 1 and np.count_nonzero(np.isnan(variance)) <= _SPARSE_FILL_FRACTION * variance.size:
-            # One fill pass takes only the originally finite neighbours, so it can be
-            # limited to the pixels where the frame's own variance is finite: where that
-            # is NaN (DO_NOT_USE pixels) the sum is NaN whatever the sky variance.
-            hole = ~np.isfinite(variance)
-            hole &= np.isfinite(f.variance)
-            if hole.any():
-                _fill_sparse(variance, hole, self._box)
-        else:
-            variance = fill_nan_box_mean(variance, box=self._box, max_passes=self._passes, copy=False)
+        variance = self.sky_variance(i, f)
         variance += f.variance
         quality = np.array(f.quality, dtype=np.uint32, copy=True)
         if self._nosky[i].size:
@@ -969,15 +969,14 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
             first[i] = None
         log.info("sky: second pass with %s source pixels masked", ", ".join(f"{m:.1%}" for m in fractions))
     del planes
-    nan_left = []  # (frame, pixels) with NaN sky after filling: one warning for all
+    nosky = []  # per frame, the pixels whose sky is NaN after filling
     keywords = []
     for i in range(n):
         skies[i] = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes, copy=False)
-        nosky = int(np.count_nonzero(~np.isfinite(skies[i])))
-        if nosky:
-            notes.append(f"frame {i}: {nosky} sky pixels remain NaN after box filling "
+        nosky.append(np.flatnonzero(~np.isfinite(skies[i])))
+        if nosky[i].size:
+            notes.append(f"frame {i}: {nosky[i].size} sky pixels remain NaN after box filling "
                          f"(smoothing_box_size = {smoothing_box_size})")
-            nan_left.append((i, nosky))
         cards = [("L1SKYSUB", 1, "sky subtracted (1 = yes)"),
                  ("SKYALG", alg, "sky combination algorithm"),
                  ("SKYPEERS", int(bool(peers_only)), "sky from other frames only (1) or all (0)"),
@@ -992,15 +991,14 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         if np.isfinite(med_sky):
             cards.append(("SKYMED", med_sky, "[ADU] median of the subtracted sky"))
         keywords.append(cards)
-    if nan_left:
-        counts = ", ".join(f"{k}: {c}" for k, c in nan_left)
+    model = SkyModel(frames, skies, sky_vars, offsets=off, levels=levels, unsolved=unsolved, masks=masks,
+                     notes=notes, nosky=nosky, keywords=keywords, smoothing_box_size=smoothing_box_size,
+                     fill_passes=fill_passes, sources=sources if keep_sources else None)
+    if model.nan_left:  # one warning for all frames
+        counts = ", ".join(f"{k}: {c}" for k, c in model.nan_left)
         warnings.warn(StageWarning(f"sky pixels remain NaN after box filling (smoothing_box_size = "
                                    f"{smoothing_box_size}), per frame {counts}; flagged NO_SKY",
                                    exit_code=ExitCode.SKY_BAD_PIXELS_REMAIN), stacklevel=2)
-    model = SkyModel(frames, skies, sky_vars, offsets=off, levels=levels, unsolved=unsolved, masks=masks,
-                     notes=notes, nan_left=nan_left, keywords=keywords, smoothing_box_size=smoothing_box_size,
-                     fill_passes=fill_passes)
-    model.sources = sources if keep_sources else None
     return model
 
 
