@@ -149,8 +149,7 @@ def read_ramp(seq: DitherSequence, *, saturation_level: float, reuse_buffers: bo
     if not seq.reads:
         raise IoiError(f"dither {seq.dither} has no reads", exit_code=ExitCode.NO_SUITABLE_FILES)
     first = seq.reads[0]
-    header0 = fitsio.read_header(first.path)
-    shape = (int(header0.get("NAXIS2", 0)), int(header0.get("NAXIS1", 0)))
+    shape = (int(first.header.get("NAXIS2", 0)), int(first.header.get("NAXIS1", 0)))  # read by discovery
     cube_shape = (len(seq.reads),) + shape
     cube = _thread_buffer("cube", cube_shape, np.float32) if reuse_buffers else np.empty(cube_shape, np.float32)
     data0, header0 = fitsio.read_raw(first.path, out=cube[0])
@@ -419,7 +418,6 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     kept = [None] * n  # resampled frames, for a clipped stack only
     stats = [None] * n
     pending = [None] * n  # L1 products under temporary names until every frame is done
-    transforms = [None] * n
     write = pipe.general.write_output
     if not write:
         log.info("write_output = 0: no products written")
@@ -488,7 +486,6 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
                     failure = exc
                     break
                 del light
-                transforms[i] = t
                 d = multrun.dithers[i]
                 log.info("%s dither %d: dx=%.3f dy=%.3f rot=%.4f deg scale=%.5f (%d stars, rms %.3f px)",
                          multrun.name, d.dither, t.dx, t.dy, t.rotation_deg, t.scale, t.n_matched, t.rms_px)
@@ -501,7 +498,7 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             run.warn(ExitCode.REGISTRATION_FAILED, f"registration failed: {failure}; stacking skipped")
             if dithered and pipe.stacking.do:
                 log.warning("%s: no stack written (registration did not succeed)", multrun.name)
-            finder, accumulator, transforms = None, None, None
+            finder, accumulator = None, None
             kept = [None] * n
             cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=False, stack_done=False)
             done = [i for i in range(n) if stats[i] is not None]
@@ -520,7 +517,7 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
         pool.shutdown(wait=True, cancel_futures=True)
     run.result.l1_products.extend(p.commit() for p in pending if p is not None)
     frames.clear()
-    reg_done = transforms is not None
+    reg_done = finder is not None  # registration was run and every frame registered
 
     stacked = None
     if stack_wanted and reg_done:
