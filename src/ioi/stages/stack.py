@@ -156,8 +156,7 @@ class StackAccumulator:
 
     Without clipping every method is a function of per-pixel sums, so the
     frames need not be held together: :meth:`add` each frame as it is
-    resampled (in frame order: the float32 sums are then the same as
-    :func:`stack_frames`'), then :meth:`result`.  Holds two float32 sums, the
+    resampled, then :meth:`result` (:func:`stack_frames` without clipping).  Holds two float32 sums, the
     count and the OR of the flags (14 bytes a pixel).  The first frame added
     is the reference: its header is the stack's.
     """
@@ -209,9 +208,10 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
     method : {"MEAN", "COADD", "MEANANDSCALE"}
         Other values: exit 33.
     clip_sigma : float or None
-        Sigma-clipped combination (each value against its own noise).
+        Sigma-clipped combination (each value against its own noise).  Without
+        clipping the frames are summed one at a time (:class:`StackAccumulator`).
     chunk_rows : int
-        Rows combined at a time (bounds memory).
+        Rows combined at a time when clipping (bounds memory).
 
     Returns
     -------
@@ -225,6 +225,11 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
     n = len(frames)
     if n == 0:
         raise StageError("stacking: no frames to stack", exit_code=ExitCode.STACKING_FAILED)
+    if clip_sigma is None:
+        accumulator = StackAccumulator(meth)
+        for f in frames:
+            accumulator.add(f)
+        return accumulator.result()
     shape = frames[0].shape
     for k, f in enumerate(frames):
         if f.shape != shape:
@@ -241,9 +246,7 @@ def stack_frames(frames, *, method: str = "MEAN", clip_sigma: float | None = Non
         var = np.stack([f.variance[rows] for f in frames]).astype(np.float32)
         flags = np.stack([f.quality[rows] for f in frames]).astype(np.uint32)
         dnu = (flags & DQ.DO_NOT_USE) != 0
-        valid = np.isfinite(data) & ~dnu
-        if clip_sigma is not None:
-            valid = _clip_chunk(data, var, valid, float(clip_sigma))
+        valid = _clip_chunk(data, var, np.isfinite(data) & ~dnu, float(clip_sigma))
         used = valid.sum(axis=0)
         total = np.where(valid, data, 0.0).sum(axis=0)
         vtot = np.where(valid & np.isfinite(var), var, 0.0).sum(axis=0)
