@@ -501,41 +501,15 @@ def _mask_bad(science, variance, quality, badmask, bad_threshold: float) -> None
 
 
 _FILL_BOX = 5  # px: bad pixels take the mean of the good ones in this box before interpolation
-_SPARSE_FILL = 0.05  # up to this fraction of bad pixels, gather boxes per bad pixel
 
 
 def _fill_bad(science, bad):
-    """``science`` with each bad pixel replaced by the mean of the good pixels in the
-    ``_FILL_BOX`` square around it (clipped at the edges), 0 where there are none.
-
-    The same values as ``ioi.stages.sky.fill_nan_box_mean(box=5, max_passes=1)``
-    (then 0 for what stays NaN), which it calls for dense bad pixels; for sparse
-    ones the boxes are gathered by flat offsets into a NaN-bordered copy (no
-    bounds checks), about 3x cheaper.  Returns a new float32 array (maybe a view
-    into a bordered one).
-    """
-    flat = np.flatnonzero(bad)
-    if len(flat) > _SPARSE_FILL * bad.size:
-        out = fill_nan_box_mean(np.where(bad, np.float32(np.nan), science), box=_FILL_BOX, max_passes=1)
-        np.copyto(out, np.float32(0.0), where=~np.isfinite(out))
-        return out
-    h = _FILL_BOX // 2
-    ny, nx = science.shape
-    width = nx + 2 * h
-    padded = np.full((ny + 2 * h, width), np.nan, dtype=np.float32)
-    inner = padded[h:h + ny, h:h + nx]
-    inner[...] = science
-    where = flat + (flat // nx) * (2 * h) + (h * width + h)  # flat index in the bordered copy
-    pflat = padded.reshape(-1)
-    pflat[where] = np.nan
-    offs = (np.arange(-h, h + 1)[:, None] * width + np.arange(-h, h + 1)[None, :]).ravel()
-    vals = pflat.take(where[:, None] + offs[None, :])
-    good = np.isfinite(vals)
-    count = good.sum(axis=1)
-    total = np.where(good, vals, np.float32(0.0)).sum(axis=1, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pflat[where] = np.where(count > 0, total / count, 0.0).astype(np.float32)
-    return inner
+    """A new float32 ``science`` with each bad pixel replaced by the mean of the good
+    pixels in the ``_FILL_BOX`` square around it (clipped at the edges), 0 where
+    there are none: one pass of ``ioi.stages.sky.fill_nan_box_mean``."""
+    out = fill_nan_box_mean(np.where(bad, np.float32(np.nan), science), box=_FILL_BOX, max_passes=1, copy=False)
+    np.copyto(out, np.float32(0.0), where=~np.isfinite(out))
+    return out
 
 
 def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float = 20.0,

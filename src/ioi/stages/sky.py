@@ -298,25 +298,30 @@ def fill_nan_box_mean(image, *, box: int = 5, max_passes: int | None = None, cop
 
 
 def _fill_sparse(out: np.ndarray, bad: np.ndarray, box: int) -> None:
-    """One box-mean pass evaluated only at the NaN pixels (in place), for sparse NaNs.
+    """One box-mean pass evaluated only at the ``bad`` pixels (in place), for sparse NaNs:
+    each takes the mean of the finite values in its window (NaN pixels, bad or not,
+    count as missing); a window with none leaves the pixel as it is.
 
     Same windows as ``uniform_filter(size=box, mode="constant")``: rows and
     columns ``p - box // 2 .. p - box // 2 + box - 1``, clipped at the edges.
     Summed-area tables would cost two full-frame passes; gathering the box of
-    each bad pixel costs box^2 x (number of bad pixels).
+    each bad pixel costs box^2 x (number of bad pixels).  The boxes are
+    gathered by flat offsets into a NaN-bordered copy (no bounds checks).
     """
     ny, nx = out.shape
-    ys, xs = np.nonzero(bad)
-    offs = np.arange(box) - box // 2
-    yy = ys[:, None, None] + offs[None, :, None]
-    xx = xs[:, None, None] + offs[None, None, :]
-    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-    vals = out[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)].astype(np.float64)
-    good = inside & np.isfinite(vals)
-    total = np.where(good, vals, 0.0).sum(axis=(1, 2))
-    count = good.sum(axis=(1, 2))
+    flat = np.flatnonzero(bad)
+    lo = box // 2
+    width = nx + box - 1
+    padded = np.full((ny + box - 1, width), np.nan, dtype=np.float32)
+    padded[lo:lo + ny, lo:lo + nx] = out
+    where = flat + (flat // nx) * (box - 1) + (lo * width + lo)  # flat index in the bordered copy
+    offs = ((np.arange(box) - lo)[:, None] * width + (np.arange(box) - lo)[None, :]).ravel()
+    vals = padded.reshape(-1).take(where[:, None] + offs[None, :])
+    good = np.isfinite(vals)
+    count = good.sum(axis=1)
+    total = np.where(good, vals, np.float32(0.0)).sum(axis=1, dtype=np.float64)
     fill = count > 0
-    out[ys[fill], xs[fill]] = (total[fill] / count[fill]).astype(np.float32)
+    out.reshape(-1)[flat[fill]] = (total[fill] / count[fill]).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- sky builds
