@@ -34,7 +34,7 @@ from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame, Ramp
 log = logging.getLogger(__name__)
 
 BORDER = 4
-_DITHER_THREADS = 2  # dithers processed at once (see reduce_multrun)
+_THREADS = 2  # dithers processed, or frames written and resampled, at once
 DEFAULT_GAIN = GAIN_BY_ASICGAIN[10]
 
 
@@ -330,7 +330,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
         # Two dithers at a time: reading, reference subtraction and calibration are
         # single-threaded numpy that releases the GIL, so two dithers overlap on
         # two cores (the combination itself also runs in row chunks on threads).
-        workers = max(1, min(_DITHER_THREADS, os.cpu_count() or 1, len(multrun.dithers)))
+        workers = max(1, min(_THREADS, os.cpu_count() or 1, len(multrun.dithers)))
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
             bad_pixels = None
@@ -471,7 +471,7 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     # before are written and resampled on two threads (I/O, numpy and scipy release
     # it); results are taken in frame order, so the stack does not depend on timing.
     failure = None
-    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(_THREADS, os.cpu_count() or 1)))
     inflight = collections.deque()
     try:
         for i in range(n):
