@@ -56,10 +56,12 @@ SHIFTS = [(0.0, 0.0), (2.0, -3.0), (0.5, -0.5), (-2.5, 1.5), (0.37, -0.81), (-4.
           (-30.4, 25.9), (40.0, 0.3), (63.0, -1.0)]
 
 
-@pytest.mark.parametrize("order", [3, 1])
+@pytest.mark.parametrize("order", [3, 1, 0])
 @pytest.mark.parametrize("bad_fraction", [0.0, 0.02, 0.3])
 @pytest.mark.parametrize("shape", [(48, 40), (33, 51)])
-def test_separable_shift_matches_ndimage_shift(order, bad_fraction, shape):
+@pytest.mark.parametrize("chunk_rows", [64, 5])
+def test_separable_shift_matches_ndimage_shift(order, bad_fraction, shape, chunk_rows, monkeypatch):
+    monkeypatch.setattr(R, "_CHUNK_ROWS", chunk_rows)  # rows interpolated along x at a time
     rng = np.random.default_rng(int(100 * bad_fraction) + order + shape[0])
     frame = _random_frame(rng, shape, bad_fraction)
     for dx, dy in SHIFTS:
@@ -77,6 +79,22 @@ def test_separable_shift_matches_ndimage_shift(order, bad_fraction, shape):
             # float32 coefficients instead of float64: a few ulp of the 3e4 peaks
             np.testing.assert_allclose(out.science[use], sci[use], rtol=0, atol=0.02)
             np.testing.assert_allclose(out.variance[use], var[use], rtol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [2, 12])
+def test_filled_padded_is_fill_then_edge_pad(pad):
+    """The padded copy the separable shift interpolates: the box-mean fill, then edge padding."""
+    rng = np.random.default_rng(pad)
+    sci = rng.normal(0.0, 1.0, (31, 26)).astype(np.float32)
+    bad = rng.random(sci.shape) < 0.1
+    bad[0, 0] = bad[-1, 3] = bad[5, -1] = True  # boxes clipped by the edges
+    bad[10:16, 10:16] = True  # boxes without a good pixel: 0
+    sci[bad & (rng.random(sci.shape) < 0.5)] = np.nan
+    want = np.pad(R._fill_bad(sci, bad), pad, mode="edge")
+    got = R._filled_padded(sci, bad, pad)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # float64 sums in another order
+    np.testing.assert_array_equal(got[pad:-pad, pad:-pad][~bad], sci[~bad])
+    assert got[pad + 12, pad + 12] == 0.0
 
 
 def test_resample_frame_does_not_change_input():

@@ -33,9 +33,12 @@ def _random_frames(rng, n, shape=(37, 29), nan_fraction=0.1, dnu_fraction=0.05):
 
 @pytest.mark.parametrize("method", K.STACKING_METHODS)
 @pytest.mark.parametrize("n", [1, 2, 9])
-def test_running_stack_matches_the_formulas(method, n):
+@pytest.mark.parametrize("chunk_rows", [64, 5])
+def test_running_stack_matches_the_formulas(method, n, chunk_rows, monkeypatch):
     """The running stack (used by stack_frames without clipping) against the SPEC's
-    formulas over the valid values (finite, not DO_NOT_USE), frame by frame."""
+    formulas over the valid values (finite, not DO_NOT_USE), frame by frame; rows
+    summed in chunks of any size (5: several chunks and a short last one)."""
+    monkeypatch.setattr(K, "_ADD_ROWS", chunk_rows)
     rng = np.random.default_rng(n)
     frames = _random_frames(rng, n)
     frames[0].science[:3] = np.nan  # rows without the first frame (no frame at all when n == 1)

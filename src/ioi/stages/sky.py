@@ -315,13 +315,44 @@ def _fill_sparse(out: np.ndarray, bad: np.ndarray, box: int) -> None:
     padded = np.full((ny + box - 1, width), np.nan, dtype=np.float32)
     padded[lo:lo + ny, lo:lo + nx] = out
     where = flat + (flat // nx) * (box - 1) + (lo * width + lo)  # flat index in the bordered copy
+    means, found = box_means_at(padded, where, box)
+    out.reshape(-1)[flat[found]] = means[found]
+
+
+_GATHER_CHUNK = 65536  # pixels whose boxes are gathered at a time (bounds the temporaries)
+
+
+def box_means_at(bordered: np.ndarray, where: np.ndarray, box: int):
+    """Means of the finite values in the ``box`` x ``box`` windows of the pixels at flat
+    indices ``where`` of ``bordered`` (2-D, C-contiguous), windows as
+    ``uniform_filter(size=box)`` places them.  Every window must lie inside the
+    array: ``bordered`` has a border of at least ``box // 2`` pixels around the
+    pixels asked for (NaN where the window should be clipped).
+
+    Returns ``(means float32, found bool)``; ``found`` False (mean 0) where a window
+    holds no finite value.  Sums in float64, in window order, one window offset
+    at a time over all the pixels (contiguous vectors: 3x faster than summing
+    each pixel's window along a short axis).
+    """
+    width = bordered.shape[1]
+    lo = box // 2
     offs = ((np.arange(box) - lo)[:, None] * width + (np.arange(box) - lo)[None, :]).ravel()
-    vals = padded.reshape(-1).take(where[:, None] + offs[None, :])
-    good = np.isfinite(vals)
-    count = good.sum(axis=1)
-    total = np.where(good, vals, np.float32(0.0)).sum(axis=1, dtype=np.float64)
-    fill = count > 0
-    out.reshape(-1)[flat[fill]] = (total[fill] / count[fill]).astype(np.float32)
+    flat = bordered.reshape(-1)
+    means = np.zeros(len(where), dtype=np.float32)
+    found = np.zeros(len(where), dtype=bool)
+    for k in range(0, len(where), _GATHER_CHUNK):
+        w = where[k:k + _GATHER_CHUNK]
+        total = np.zeros(len(w))
+        count = np.zeros(len(w), dtype=np.int32)
+        for o in offs:
+            v = flat.take(w + o)
+            good = np.isfinite(v)
+            count += good
+            total += np.where(good, v, np.float32(0.0))
+        ok = count > 0
+        means[k:k + _GATHER_CHUNK][ok] = (total[ok] / count[ok]).astype(np.float32)
+        found[k:k + _GATHER_CHUNK] = ok
+    return means, found
 
 
 # --------------------------------------------------------------------------- sky builds

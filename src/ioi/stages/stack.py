@@ -151,6 +151,9 @@ def _stack_result(meth: str, n: int, clip_sigma, header, science, variance, coun
     return StackResult(frame=result, exposure_map=count, n_frames=n)
 
 
+_ADD_ROWS = 64  # rows summed at a time by StackAccumulator.add
+
+
 class StackAccumulator:
     """A MEAN, COADD or MEANANDSCALE stack built one registered frame at a time.
 
@@ -179,13 +182,26 @@ class StackAccumulator:
             raise StageError(f"stacking: frame {self.n} has shape {frame.shape}, frame 0 has {self.total.shape}",
                              exit_code=ExitCode.STACKING_FAILED)
         flags = np.asarray(frame.quality, dtype=np.uint32)
-        valid = np.isfinite(frame.science) & ((flags & DQ.DO_NOT_USE) == 0)
-        self.total += np.where(valid, frame.science, np.float32(0.0))
-        var_ok = valid & np.isfinite(frame.variance)
-        self.vtot += np.where(var_ok, frame.variance, np.float32(0.0))
-        self.used += valid
-        # the flags of the frames that went into each pixel (why a pixel may be special)
-        self.quality |= np.where(valid, flags, np.uint32(0))
+        science = np.asarray(frame.science, dtype=np.float32)
+        variance = np.asarray(frame.variance, dtype=np.float32)
+        nx = science.shape[1]
+        # Row chunks through reused buffers, adding where valid (ufunc ``where=``):
+        # no frame-sized temporaries, each chunk's planes stay in cache.
+        valid = np.empty((_ADD_ROWS, nx), dtype=bool)
+        var_ok = np.empty((_ADD_ROWS, nx), dtype=bool)
+        dnu = np.empty((_ADD_ROWS, nx), dtype=np.uint32)
+        for r in range(0, science.shape[0], _ADD_ROWS):
+            s = slice(r, r + _ADD_ROWS)
+            n = min(_ADD_ROWS, science.shape[0] - r)
+            v, ok, d = valid[:n], var_ok[:n], dnu[:n]
+            np.isfinite(science[s], out=v)
+            v &= np.equal(np.bitwise_and(flags[s], np.uint32(DQ.DO_NOT_USE), out=d), 0, out=ok)
+            np.add(self.total[s], science[s], out=self.total[s], where=v)
+            np.logical_and(v, np.isfinite(variance[s], out=ok), out=ok)
+            np.add(self.vtot[s], variance[s], out=self.vtot[s], where=ok)
+            self.used[s] += v
+            # the flags of the frames that went into each pixel (why a pixel may be special)
+            np.bitwise_or(self.quality[s], flags[s], out=self.quality[s], where=v)
         self.n += 1
 
     def result(self) -> StackResult:
