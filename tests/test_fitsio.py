@@ -80,7 +80,8 @@ def test_product_round_trip(tmp_path):
         assert h["IM_SS_VAR"].header["CTYPE1"] == "RA---TAN"
 
 
-def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])  # our writer; astropy's (int8)
+def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch, dtype):
     target = tmp_path / "product.fits"
 
     def broken_writeto(self, name, *a, **k):
@@ -88,9 +89,14 @@ def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch):
             fh.write(b"SIMPLE  =                    T" + b" " * 100)  # a partial file
         raise KeyboardInterrupt("simulated interruption")
 
+    def broken_streamed(fh, hdul):
+        fh.write(b"SIMPLE  =                    T" + b" " * 100)
+        raise KeyboardInterrupt("simulated interruption")
+
     monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)
+    monkeypatch.setattr(fitsio, "_write_streamed", broken_streamed)
     with pytest.raises(KeyboardInterrupt):
-        fitsio.write_image(target, np.zeros((4, 4), np.float32))
+        fitsio.write_image(target, np.zeros((4, 4), dtype))
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -100,10 +106,11 @@ def test_interrupted_overwrite_keeps_old_product(tmp_path, monkeypatch):
     fitsio.write_image(target, np.ones((4, 4), np.float32))
     before = _digest(target)
 
-    def broken_writeto(self, name, *a, **k):
+    def broken_writer(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)
+    monkeypatch.setattr(fits.HDUList, "writeto", broken_writer)
+    monkeypatch.setattr(fitsio, "_write_streamed", broken_writer)
     with pytest.raises(OSError):
         fitsio.write_image(target, np.zeros((4, 4), np.float32), overwrite=True)
     assert _digest(target) == before

@@ -154,13 +154,110 @@ class PendingFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False, pending: bool = False):
+# Products are written by our own writer, not by HDUList.writeto: for each image
+# astropy makes a full-size byte-swapped copy of the data (for unsigned integers an
+# offset copy), a 16 MB temporary per 2040x2040 plane which, under the fixed mmap
+# threshold of ioi._memory, is a fresh mapping the kernel must zero.  astropy still
+# fixes and formats the headers; the data go to the file in row chunks through one
+# small big-endian buffer, and the caller's arrays are only read.  The output is
+# byte for byte what writeto writes (tests/test_fitsio_stream.py); anything other
+# than plain images (tables, compressed or rescaled images, checksums) goes to writeto.
+
+_BLOCK = 2880  # FITS block size: headers and data are padded to a multiple of it
+_CHUNK_BYTES = 1 << 20  # the conversion buffer: 128 rows of a 2040-pixel float32 image
+_STREAMED = frozenset({"float32", "float64", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+
+
+def _pseudo_unsigned(dtype) -> bool:
+    """uint16/32/64: stored as signed integers with BZERO = 2**(bits-1) (FITS convention)."""
+    return dtype.kind == "u" and dtype.itemsize > 1
+
+
+def _prepare_streamed(hdul) -> bool:
+    """Complete the headers of ``hdul`` as ``writeto`` does before writing them, and say
+    whether :func:`_write_streamed` reproduces writeto's output for every HDU: an
+    in-memory PrimaryHDU then ImageHDUs, holding no data or a plain numpy array of a
+    dtype in ``_STREAMED``, not rescaled on writing."""
+    if len(hdul) == 0:
+        return False  # writeto warns and writes nothing
+    hdul.verify("silentfix")  # what writeto does first (with our output_verify) ...
+    hdul.update_extend()  # ... then this
+    for i, hdu in enumerate(hdul):
+        if type(hdu) is not (fits.PrimaryHDU if i == 0 else fits.ImageHDU):
+            return False
+        # writeto rescales data read from a file, or given with scale_back=True, before
+        # writing (no public API says whether it will: the attributes it tests)
+        if hdu.fileinfo() is not None or getattr(hdu, "_scale_back", False) \
+                or getattr(hdu, "_data_needs_rescale", False):
+            return False
+        hdu.update_header()  # as writeto does for each HDU just before writing it
+        data = hdu.data
+        if data is None:
+            continue
+        if type(data) is not np.ndarray or data.dtype.name not in _STREAMED:
+            return False
+        # only astropy's own scaling keywords: BZERO for unsigned data, none otherwise
+        bzero = 1 << (8 * data.dtype.itemsize - 1) if _pseudo_unsigned(data.dtype) else 0
+        header = hdu.header
+        if header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != bzero:
+            return False
+    return True
+
+
+def _row_chunks(array, max_bytes):
+    """Consecutive pieces of ``array`` of at most ``max_bytes``, in C order: slices of
+    whole rows of the first axis, or of each sub-array when one row is larger."""
+    if array.nbytes <= max_bytes:
+        yield array
+        return
+    row_bytes = array.nbytes // len(array)
+    if row_bytes > max_bytes:
+        for sub in array:
+            yield from _row_chunks(sub, max_bytes)
+        return
+    step = max_bytes // row_bytes
+    for start in range(0, len(array), step):
+        yield array[start:start + step]
+
+
+def _write_streamed(fh, hdul) -> None:
+    """Write the HDUs accepted by :func:`_prepare_streamed` to the open binary file ``fh``."""
+    buffer = np.empty(_CHUNK_BYTES, np.uint8)
+    for hdu in hdul:
+        fh.write(hdu.header.tostring().encode("ascii"))  # padded to 2880 with END
+        data = hdu.data
+        if data is None or data.size == 0:
+            continue
+        big_endian = data.dtype.newbyteorder(">")
+        sign = None
+        if _pseudo_unsigned(data.dtype):
+            # stored value = value - 2**(bits-1), i.e. the top bit flipped: in big-endian
+            # bytes, the top bit of each item's first byte; ``sign`` is that bit pattern
+            # read as a native unsigned integer, to flip it with one XOR over whole items
+            sign = np.frombuffer(b"\x80".ljust(data.dtype.itemsize, b"\0"), dtype=data.dtype.newbyteorder("="))[0]
+        for chunk in _row_chunks(data, _CHUNK_BYTES):
+            raw = buffer[:chunk.nbytes]
+            np.copyto(raw.view(big_endian).reshape(chunk.shape), chunk)  # the byte swap
+            if sign is not None:
+                items = raw.view(sign.dtype)
+                np.bitwise_xor(items, sign, out=items)
+            fh.write(raw)
+        fh.write(bytes(-data.nbytes % _BLOCK))  # zero padding to the block size
+
+
+def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False, pending: bool = False,
+                      checksum: bool = False):
     """Write ``hdul`` to ``path`` through a temporary file in the same directory.
 
     The rename is atomic on POSIX file systems, so readers see either no file
     or the complete one.  ``overwrite=False`` and an existing file: IoiError.
     ``pending=True``: leave the file under its temporary name and return a
-    :class:`PendingFile` (the caller commits or discards it).
+    :class:`PendingFile` (the caller commits or discards it).  ``checksum``:
+    add CHECKSUM/DATASUM cards.  The file is what ``hdul.writeto(...,
+    output_verify="silentfix")`` writes, and the headers of ``hdul`` are
+    completed as writeto completes them; plain images are written by our own
+    writer, which only reads their arrays (writeto byte-swaps writeable ones
+    in place and back).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -171,7 +268,11 @@ def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False, pend
     try:
         # mkstemp makes the file private (0600); a product gets the usual mode under the umask
         os.chmod(tmp, 0o666 & ~_UMASK)
-        hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
+        if not checksum and _prepare_streamed(hdul):
+            with open(tmp, "wb") as fh:
+                _write_streamed(fh, hdul)
+        else:
+            hdul.writeto(tmp, overwrite=True, output_verify="silentfix", checksum=checksum)
         written = PendingFile(tmp, path)
         return written if pending else written.commit()
     except BaseException:
