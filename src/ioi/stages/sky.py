@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from ioi._parallel import thread_map
 from ioi.errors import ExitCode, IoiError, StageError, StageWarning
-from ioi.frame import DQ
+from ioi.frame import DQ, flagged
 
 log = logging.getLogger(__name__)
 
@@ -957,7 +957,7 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         if f.shape != shape:
             raise StageError(f"sky subtraction: frame {k} has shape {f.shape}, frame 0 has {shape}",
                              exit_code=ExitCode.DATA_SHAPE_MISMATCH)
-    dnu = [(f.quality & DQ.DO_NOT_USE) != 0 for f in frames]  # DO_NOT_USE pixels count as missing
+    dnu = thread_map(lambda f: flagged(f.quality, DQ.DO_NOT_USE), frames)  # DO_NOT_USE pixels count as missing
     variances = [np.asarray(f.variance, dtype=np.float32) for f in frames]
     notes: list[str] = []
     kw = dict(peers_only=peers_only, alg=alg, bg_sigma_clip=bg_sigma_clip,
@@ -995,24 +995,22 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         planes = _Planes([f.science for f in frames], dnu)
         del dnu  # packed in planes
         skies, sky_vars, off, levels, unsolved = _sky_pass(planes, variances, **kw)
-        for i in range(n):
+
+        def keep_first_pass(i):
             # Where every contributing frame is masked keep the first-pass sky
             # (its variance, NaN there, is filled from the neighbours below).
-            hole = ~np.isfinite(skies[i])
-            if hole.any():
-                ys, xs = np.nonzero(hole)
+            ys, xs = np.nonzero(~np.isfinite(skies[i]))
+            if ys.size:
                 skies[i][ys, xs] = first[i][ys // b, xs // b]
             first[i] = None
+
+        thread_map(keep_first_pass, range(n))
         log.info("sky: second pass with %s source pixels masked", ", ".join(f"{m:.1%}" for m in fractions))
     del planes
-    nosky = []  # per frame, the pixels whose sky is NaN after filling
-    keywords = []
-    for i in range(n):
+
+    def finish(i):
+        """Frame i's sky filled, its pixels still NaN, and its header cards."""
         skies[i] = fill_nan_box_mean(skies[i], box=smoothing_box_size, max_passes=fill_passes, copy=False)
-        nosky.append(np.flatnonzero(~np.isfinite(skies[i])))
-        if nosky[i].size:
-            notes.append(f"frame {i}: {nosky[i].size} sky pixels remain NaN after box filling "
-                         f"(smoothing_box_size = {smoothing_box_size})")
         cards = [("L1SKYSUB", 1, "sky subtracted (1 = yes)"),
                  ("SKYALG", alg, "sky combination algorithm"),
                  ("SKYPEERS", int(bool(peers_only)), "sky from other frames only (1) or all (0)"),
@@ -1021,12 +1019,16 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                  ("SKYCLIP", float(bg_sigma_clip), "sigma clip for sky level offsets"),
                  ("SKYBOX", int(smoothing_box_size), "box for filling NaN sky pixels"),
                  ("SKYLEVEL", float(levels[i]), "[ADU] level relative to mean of frames")]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med_sky = float(bn.nanmedian(skies[i][::4, ::4]))  # a 1-in-16 sample is plenty for a header value
-        if np.isfinite(med_sky):
+        med_sky = float(bn.nanmedian(skies[i][::4, ::4]))  # a 1-in-16 sample is plenty for a header value
+        if np.isfinite(med_sky):  # (bottleneck returns NaN for all-NaN without a warning)
             cards.append(("SKYMED", med_sky, "[ADU] median of the subtracted sky"))
-        keywords.append(cards)
+        return np.flatnonzero(~np.isfinite(skies[i])), cards
+
+    nosky, keywords = (list(x) for x in zip(*thread_map(finish, range(n))))  # per frame, in frame order
+    for i in range(n):
+        if nosky[i].size:
+            notes.append(f"frame {i}: {nosky[i].size} sky pixels remain NaN after box filling "
+                         f"(smoothing_box_size = {smoothing_box_size})")
     model = SkyModel(frames, skies, sky_vars, offsets=off, levels=levels, unsolved=unsolved, masks=masks,
                      notes=notes, nosky=nosky, keywords=keywords, smoothing_box_size=smoothing_box_size,
                      fill_passes=fill_passes, sources=sources if keep_sources else None)
