@@ -159,3 +159,29 @@ def test_calibrate_does_not_change_input(call):
     np.testing.assert_array_equal(flat, flat_before)
     for k in masks:
         np.testing.assert_array_equal(masks[k], masks_before[k])
+
+
+@pytest.mark.parametrize("step", ["flat", "masks"])
+def test_in_place_gives_the_same_frame_in_the_frames_own_arrays(step):
+    """in_place=True (the pipeline's own frames): same values, flags and header as the copying
+    call, written into the input's arrays; arrays that cannot be changed are copied instead."""
+    flat, masks = _flat(), _masks()
+    flat[0, 0] = 0.0  # a NO_FLAT pixel: the quality is flagged too
+    call = {"flat": lambda f, **kw: apply_flat(f, flat, **kw),
+            "masks": lambda f, **kw: apply_bad_pixel_masks(f, masks, **kw)}[step]
+    want = call(_frame())
+    frame = _frame()
+    got = call(frame, in_place=True)
+    for name in ("science", "variance", "quality"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+        assert getattr(got, name) is getattr(frame, name)
+    assert got.header == want.header
+    # read-only (or float64) arrays: a new frame, the input untouched
+    frozen = _frame()
+    for a in (frozen.science, frozen.variance, frozen.quality):
+        a.flags.writeable = False
+    before = _snapshot(frozen)
+    got = call(frozen, in_place=True)
+    for name, b in zip(("science", "variance", "quality"), before):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+        np.testing.assert_array_equal(getattr(frozen, name), b)
