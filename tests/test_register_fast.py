@@ -187,3 +187,24 @@ def test_centroids_from_guesses_match_full_detection():
     # no usable starting position: no sources (not an error)
     empty = np.zeros(0, dtype=model.sources[0].dtype)
     assert len(R.detect_sources(f.frames[0].science, guesses=empty)) == 0
+
+
+@pytest.mark.parametrize("matrix", [[[1.0, 0.0, 3.4], [0.0, 1.0, -7.7]],  # separable shift
+                                    [[0.9998, -0.0175, 2.1], [0.0175, 0.9998, 1.3]]])  # rotation: ndimage
+@pytest.mark.parametrize("chunk_rows", [64, 5])
+def test_resampling_into_reused_planes_writes_every_pixel(matrix, chunk_rows, monkeypatch):
+    """out= (planes reused from an earlier frame, full of old values): the same frame as new
+    planes give, in those planes."""
+    monkeypatch.setattr(R, "_CHUNK_ROWS", chunk_rows)
+    rng = np.random.default_rng(8)
+    frame = _random_frame(rng, (41, 37), 0.05)
+    t = R.Transform(matrix=np.array(matrix))
+    want = R.resample_frame(frame, t)
+    out = (np.full(frame.shape, 7.0, np.float32), np.full(frame.shape, -3.0, np.float32),
+           np.full(frame.shape, 12345, np.uint32))
+    got = R.resample_frame(frame, t, out=out)
+    for plane, name in zip(out, ("science", "variance", "quality")):
+        assert getattr(got, name) is plane
+        np.testing.assert_array_equal(plane, getattr(want, name))
+    with pytest.raises(ValueError, match="out must be"):
+        R.resample_frame(frame, t, out=(out[0], out[1], out[1]))

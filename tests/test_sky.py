@@ -245,3 +245,27 @@ def test_sparse_fill_equals_one_full_frame_pass(box):
     expected[fill] = (s[fill] / c[fill]).astype(np.float32)
     np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
     np.testing.assert_array_equal(got[~bad], img[~bad])
+
+
+def test_source_mask_survives_a_pixel_stack_overflow(monkeypatch):
+    """sep's default pixel stack first; a frame whose sources outgrow it is extracted again
+    with a larger one: the same mask and sources as with a large stack from the start."""
+    rng = np.random.default_rng(9)
+    img = rng.normal(0.0, 1.0, (120, 100)).astype(np.float32)
+    yy, xx = np.mgrid[:120, :100]
+    img += 50.0 * np.exp(-((yy - 60) ** 2 + (xx - 50) ** 2) / (2 * 15.0**2))  # a big bright object
+    img += 30.0 * np.exp(-((yy - 20) ** 2 + (xx - 15) ** 2) / 2.0)
+    want = S._detect_source_mask(img, sigma=3.0, dilate=2, sources=True)
+    import sep
+
+    monkeypatch.setattr(S, "_PIXSTACK_FIRST", 50)  # far fewer than the object's pixels
+    before = sep.get_extract_pixstack()
+    sep.set_extract_pixstack(50)
+    try:
+        got = S._detect_source_mask(img, sigma=3.0, dilate=2, sources=True)
+        assert sep.get_extract_pixstack() == 50  # restored after the retry
+    finally:
+        sep.set_extract_pixstack(before)
+    assert want[0].sum() > 500
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

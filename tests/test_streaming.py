@@ -143,3 +143,38 @@ def test_sky_variance_is_the_mean_variance_of_the_contributing_frames(peers_only
         ok = np.isfinite(expect)
         np.testing.assert_allclose(first[ok], expect[ok], rtol=1e-5)
         np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("chunk_rows", [64, 5])
+def test_subtracted_into_reused_planes_is_the_same_frame(chunk_rows, monkeypatch):
+    """SkyModel.subtracted with out= (planes full of an earlier frame's values): the same
+    variance and flags (SOURCE, NO_SKY) as new planes, written into those planes; the
+    row chunks of any size and a width that is not a whole number of bytes of bits."""
+    monkeypatch.setattr(S, "_VAR_ROWS", chunk_rows)
+    rng = np.random.default_rng(11)
+    frames = _random_frames(rng, 5, shape=(61, 37), nan_fraction=0.01)
+    for k, f in enumerate(frames):
+        f.science[20 + 6 * k:24 + 6 * k, 10 + 4 * k:14 + 4 * k] += np.float32(500.0)  # a dithered "source"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = S.model_skies(frames, mask_sources=True, source_sigma=2.0, mask_dilate=1)
+    assert model.source_masks is not None and any(m.any() for m in model.source_masks)
+    model.subtract_in_place()
+    for i in range(5):
+        want = model.subtracted(i)
+        out = (np.full(want.shape, 9.0, np.float32), np.full(want.shape, 77, np.uint32))
+        got = model.subtracted(i, out=out)
+        assert got.variance is out[0] and got.quality is out[1]
+        np.testing.assert_array_equal(got.variance, want.variance)
+        np.testing.assert_array_equal(got.quality, want.quality)
+        np.testing.assert_array_equal((got.quality & DQ.SOURCE) != 0, model.source_masks[i])
+
+
+@settings(max_examples=50, deadline=None)
+@given(ny=st.integers(1, 20), nx=st.integers(1, 21), r0=st.integers(0, 19), n=st.integers(1, 25),
+       seed=st.integers(0, 2**16))
+def test_unpack_rows_is_a_row_slice_of_unpack(ny, nx, r0, n, seed):
+    mask = np.random.default_rng(seed).random((ny, nx)) < 0.4
+    r0 = min(r0, ny - 1)
+    packed = S._pack(mask)
+    np.testing.assert_array_equal(S._unpack_rows(packed, r0, r0 + n), mask[r0:r0 + n])

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import warnings
@@ -287,13 +288,14 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
         raise _Quit("nonlinearity_corrections")
     if pipe.flatfielding.do:
         with run.stage("flat"):
-            frame = calibrate.apply_flat(frame, cal.flat, path=cal.files.get("flat"))
+            # in place: the frame is this dither's own, just made by the combination
+            frame = calibrate.apply_flat(frame, cal.flat, path=cal.files.get("flat"), in_place=True)
         _hard(pipe.flatfielding, frame, run, out_dir, f"{stem}_{seq.dither}_flat.fits")
         if pipe.flatfielding.quit:
             raise _Quit("flatfielding")
     if pipe.bad_pix_masking.do and cal.masks:
         with run.stage("badpix"):
-            frame = calibrate.apply_bad_pixel_masks(frame, cal.masks, bad=bad_pixels)
+            frame = calibrate.apply_bad_pixel_masks(frame, cal.masks, bad=bad_pixels, in_place=True)
         _hard(pipe.bad_pix_masking, frame, run, out_dir, f"{stem}_{seq.dither}_badpix.fits")
         if pipe.bad_pix_masking.quit:
             raise _Quit("bad_pix_masking")
@@ -429,11 +431,30 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     cards = _provenance(pipe, cal, sky_done=sky_done, reg_done=finder is not None,
                         stack_done=stack_wanted and finder is not None)
 
+    # Frame-sized planes are reused rather than made (and zeroed by the kernel) for every
+    # frame: each worker thread's sky-subtracted variance and flags, and the resampled
+    # planes once the running stack has summed them.
+    resampled_planes = queue.SimpleQueue()
+
+    def planes_for_resampling(shape):
+        if accumulator is None:  # a clipped stack keeps every resampled frame
+            return None
+        try:
+            return resampled_planes.get_nowait()
+        except queue.Empty:
+            return (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.uint32))
+
     def one_frame(i, t, cards):
         """Write frame i's L1 product (pending) and resample it with transform t (None: not registered)."""
         seq = multrun.dithers[i]
         nonss = frames[i]
-        ss = model.subtracted(i, nonss) if sky_done else None
+        ss = None
+        if sky_done:
+            # the reference frame goes into the stack as it is: its planes must be its own
+            kept_as_is = t is not None and stack_wanted and i == 0
+            out = None if kept_as_is else (_thread_buffer("ss_variance", nonss.shape, np.float32),
+                                           _thread_buffer("ss_quality", nonss.shape, np.uint32))
+            ss = model.subtracted(i, nonss, out=out)
         seconds = {}
         stats[i] = _dither_stats(seq, nonss, ss, t)
         product = None
@@ -451,7 +472,8 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
         if t is not None and stack_wanted:
             t0 = time.perf_counter()
             registered = register.registered_frame(target, t, reference=i == 0, geometry=rp.fit_geometry,
-                                                   bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold)
+                                                   bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold,
+                                                   out=None if i == 0 else planes_for_resampling(target.shape))
             seconds["resample"] = time.perf_counter() - t0
             if rp.hard:
                 _hard(rp, registered, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")
@@ -467,6 +489,8 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             with run.stage("stack"):
                 if accumulator is not None:
                     accumulator.add(registered)
+                    if i > 0:  # summed: its planes can take a later frame
+                        resampled_planes.put((registered.science, registered.variance, registered.quality))
                 else:
                     kept[i] = registered
 

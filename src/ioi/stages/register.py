@@ -530,7 +530,22 @@ def _bad_weight_at(bad, rows: slice, cols: slice, shift):
     return ((i + rows.start) * nx + (j + cols.start))[keep], values[keep]
 
 
-def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float):
+def _output_planes(shape, out):
+    """(science float32, variance float32, quality uint32) planes of ``shape`` to resample into:
+    ``out`` when given (checked), else new arrays."""
+    if out is None:
+        return (np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32),
+                np.empty(shape, dtype=np.uint32))
+    planes = tuple(out)
+    want = (np.float32, np.float32, np.uint32)
+    if len(planes) != 3 or any(not isinstance(p, np.ndarray) or p.shape != tuple(shape) or p.dtype != d
+                               or not p.flags.c_contiguous or not p.flags.writeable
+                               for p, d in zip(planes, want)):
+        raise ValueError(f"out must be writeable C-contiguous float32, float32, uint32 planes of shape {shape}")
+    return planes
+
+
+def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=None):
     """A pure shift, separably: every output pixel ``(i, j)`` samples the input at
     ``(i + dy, j + dx)``, so each axis is one fixed 1-D kernel applied by slicing.
 
@@ -539,16 +554,15 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float):
     up to float32 rounding, several times faster; numpy and ndimage release the
     GIL throughout.  Only the overlap (the output rectangle whose centres fall in
     ``[-0.5, n - 0.5]``) is interpolated, along x in row chunks; the bad-pixel
-    weight only near bad pixels.  Returns new (science, variance, quality).
+    weight only near bad pixels.  Returns (science, variance, quality): new
+    planes, or ``out``'s.
     """
     science_in = np.asarray(frame.science, dtype=np.float32)
     quality_in = np.asarray(frame.quality, dtype=np.uint32)
     variance_in = np.asarray(frame.variance, dtype=np.float32)
     ny, nx = science_in.shape
     rows, cols = _overlap(shift[0], ny), _overlap(shift[1], nx)
-    science = np.empty((ny, nx), dtype=np.float32)
-    variance = np.empty((ny, nx), dtype=np.float32)
-    quality = np.empty((ny, nx), dtype=np.uint32)
+    science, variance, quality = _output_planes((ny, nx), out)
     no_overlap = np.uint32(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
     for plane, fill in ((science, np.nan), (variance, np.nan), (quality, no_overlap)):
         plane[:rows.start], plane[rows.stop:] = fill, fill
@@ -633,7 +647,7 @@ def _fill_bad(science, bad):
 
 
 def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float = 20.0,
-                   order: int = 3) -> Frame:
+                   order: int = 3, out=None) -> Frame:
     """Resample a frame onto the reference grid (same shape).
 
     Parameters
@@ -647,11 +661,15 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
         good = 0) exceeds it become NaN with DQ DO_NOT_USE|MASKED.
     order : int
         Spline order for the science (3: cubic, the default; 1: linear).
+    out : (science, variance, quality) arrays, optional
+        Writeable C-contiguous float32, float32 and uint32 planes of the
+        frame's shape to resample into (e.g. reused from an earlier frame),
+        instead of new arrays.  They must not be the input's own.
 
     Returns
     -------
     Frame
-        New frame.  Bad (NaN or DO_NOT_USE) input pixels are filled with the
+        New frame (its planes ``out``'s when given).  Bad (NaN or DO_NOT_USE) input pixels are filled with the
         mean of their good neighbours before the science is interpolated;
         output pixels where the linearly resampled bad mask exceeds
         ``bad_threshold`` are NaN; pixels whose centre maps outside the input
@@ -666,17 +684,19 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     mat, off = _pullback(transform)
     shift_only = bool(np.allclose(mat, np.eye(2), rtol=0, atol=1e-12))
     if shift_only and order in (0, 1, 3):
-        science, variance, quality = _resample_shift(frame, off, order, bad_threshold)
+        science, variance, quality = _resample_shift(frame, off, order, bad_threshold, out)
         return frame.replace(science=science, variance=variance, quality=quality, header=frame.header.copy())
 
-    def warp(a, k):
-        out = np.empty((ny, nx), dtype=a.dtype)
+    planes = _output_planes((ny, nx), out)
+
+    def warp(a, k, into=None):
+        into = np.empty((ny, nx), dtype=a.dtype) if into is None else into
         if shift_only:  # ndimage.shift is ~1.4x faster than affine_transform
-            ndimage.shift(a, -off, order=k, mode="nearest", prefilter=k > 1, output=out)
+            ndimage.shift(a, -off, order=k, mode="nearest", prefilter=k > 1, output=into)
         else:
             ndimage.affine_transform(a, mat, offset=off, output_shape=(ny, nx), order=k,
-                                     mode="nearest", prefilter=k > 1, output=out)
-        return out
+                                     mode="nearest", prefilter=k > 1, output=into)
+        return into
 
     # One plane at a time, each input temporary released once warped.
     science_in = np.asarray(frame.science, dtype=np.float32)
@@ -687,14 +707,14 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
         # sees them (one cubic warp instead of two with a weight plane); the
         # output pixels they influence beyond bad_threshold are NaN anyway.
         science_in = _fill_bad(science_in, bad)
-    science = warp(science_in, order)
+    science = warp(science_in, order, planes[0])
     del science_in
     badmask = warp(np.where(bad, np.float32(100.0), np.float32(0.0)), 1)
     variance_in = np.asarray(frame.variance, dtype=np.float32)
-    variance = warp(np.where(bad | ~np.isfinite(variance_in), np.float32(0.0), variance_in), 1)
+    variance = warp(np.where(bad | ~np.isfinite(variance_in), np.float32(0.0), variance_in), 1, planes[1])
     del bad
     no_overlap = np.uint32(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
-    quality = warp(quality_in, 0)
+    quality = warp(quality_in, 0, planes[2])
     quality &= ~np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
     idx = np.flatnonzero(badmask > 0)
     _mask_bad(science, variance, quality, idx, badmask.reshape(-1).take(idx), bad_threshold)
@@ -839,12 +859,13 @@ class TransformFinder:
 
 
 def registered_frame(frame: Frame, transform: Transform, *, reference: bool = False, geometry: str = "SHIFT",
-                     bad_threshold: float = 20.0, order: int = 3) -> Frame:
+                     bad_threshold: float = 20.0, order: int = 3, out=None) -> Frame:
     """One frame on the reference grid with the registration keywords, as
-    :func:`resample_frames` makes it (the reference itself is not resampled)."""
+    :func:`resample_frames` makes it (the reference itself is not resampled;
+    ``out``: planes to resample into, see :func:`resample_frame`)."""
     geo = _check_geometry(geometry)
     if not reference:
-        frame = resample_frame(frame, transform, bad_threshold=bad_threshold, order=order)
+        frame = resample_frame(frame, transform, bad_threshold=bad_threshold, order=order, out=out)
     return frame.replace(header=_reg_header(frame.header, geo, transform, order, bad_threshold))
 
 

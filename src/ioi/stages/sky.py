@@ -53,8 +53,8 @@ _VARIANCE_FACTOR = {"MEDIAN": math.pi / 2, "TUKEY": 1 / 0.95, "HUBER": 1 / 0.95}
 _IRLS_TOL = 1e-2  # 0.01 sigma: far below the estimate's own error (~0.4 sigma for 8 frames)
 #: Pixels drawn for the level-offset clipping (FIELD_NOTES: a subsample suffices).
 _N_SUBSAMPLE = 20000
-_FIRST_PASS_BINNING = 2
-_SPARSE_FILL_FRACTION = 0.05  # below this NaN fraction one fill pass gathers boxes per NaN pixel  # block size of the two-pass mode's first (source-finding) sky
+_FIRST_PASS_BINNING = 2  # block size of the two-pass mode's first (source-finding) sky
+_SPARSE_FILL_FRACTION = 0.05  # below this NaN fraction one fill pass gathers boxes per NaN pixel
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -305,18 +305,30 @@ def _fill_sparse(out: np.ndarray, bad: np.ndarray, box: int) -> None:
     Same windows as ``uniform_filter(size=box, mode="constant")``: rows and
     columns ``p - box // 2 .. p - box // 2 + box - 1``, clipped at the edges.
     Summed-area tables would cost two full-frame passes; gathering the box of
-    each bad pixel costs box^2 x (number of bad pixels).  The boxes are
-    gathered by flat offsets into a NaN-bordered copy (no bounds checks).
+    each bad pixel costs box^2 x (number of bad pixels), with the window
+    offsets that fall outside the frame left out.
     """
     ny, nx = out.shape
     flat = np.flatnonzero(bad)
+    if flat.size == 0:
+        return
+    row, col = np.divmod(flat, nx)
     lo = box // 2
-    width = nx + box - 1
-    padded = np.full((ny + box - 1, width), np.nan, dtype=np.float32)
-    padded[lo:lo + ny, lo:lo + nx] = out
-    where = flat + (flat // nx) * (box - 1) + (lo * width + lo)  # flat index in the bordered copy
-    means, found = box_means_at(padded, where, box)
-    out.reshape(-1)[flat[found]] = means[found]
+    values = out.reshape(-1)
+    total = np.zeros(flat.size)
+    count = np.zeros(flat.size, dtype=np.int32)
+    for dy in range(-lo, box - lo):  # window order, as box_means_at sums
+        r = row + dy
+        row_in = (r >= 0) & (r < ny)
+        for dx in range(-lo, box - lo):
+            c = col + dx
+            inside = row_in & (c >= 0) & (c < nx)
+            v = values.take(np.where(inside, flat + (dy * nx + dx), 0))
+            good = inside & np.isfinite(v)
+            count += good
+            total += np.where(good, v, np.float32(0.0))
+    found = count > 0
+    values[flat[found]] = (total[found] / count[found]).astype(np.float32)
 
 
 _GATHER_CHUNK = 65536  # pixels whose boxes are gathered at a time (bounds the temporaries)
@@ -643,6 +655,19 @@ def _unpack(packed) -> np.ndarray:
     return np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape)
 
 
+def _unpack_rows(packed, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0 .. r1 - 1`` of a :func:`_pack` ed (ny, nx) plane."""
+    bits, (ny, nx) = packed
+    r1 = min(r1, ny)
+    start, count = r0 * nx, (r1 - r0) * nx
+    b0 = start // 8
+    raw = np.unpackbits(bits[b0:(start + count + 7) // 8])
+    return raw[start - 8 * b0:start - 8 * b0 + count].view(bool).reshape(r1 - r0, nx)
+
+
+_VAR_ROWS = 64  # rows of a sky variance computed at a time
+
+
 class _SkyVariances:
     """factor x mean(variance of the contributing frames) / n_contributing, per frame on demand.
 
@@ -673,20 +698,27 @@ class _SkyVariances:
     def release(self, i: int) -> None:
         self.variances[i] = None
 
-    def __call__(self, i: int, variance=None) -> np.ndarray:
-        """Sky variance of frame ``i``; ``variance``: the frame's own variance once released."""
-        if self.peers_only:
-            valid = _unpack(self.valid[i])
-            own = self.variances[i] if variance is None else variance
-            s = self.total - np.where(valid, own, np.float32(0.0))
-            c = self.count - valid
-        else:
-            s, c = self.total.copy(), self.count  # s is scaled in place below: never the shared sum
-        c = c.astype(np.float32)
-        c *= c
-        with np.errstate(invalid="ignore", divide="ignore"):
-            s *= self.factor
-            s /= c  # c == 0: 0/0 -> NaN
+    def __call__(self, i: int, variance=None, out=None) -> np.ndarray:
+        """Sky variance of frame ``i``; ``variance``: the frame's own variance once released;
+        ``out``: a float32 plane to write it into (else a new one).  In row chunks."""
+        own = self.variances[i] if variance is None else variance
+        ny, nx = self.total.shape
+        s = np.empty((ny, nx), dtype=np.float32) if out is None else out
+        for r in range(0, ny, _VAR_ROWS):
+            rows = slice(r, r + _VAR_ROWS)
+            part = s[rows]
+            if self.peers_only:
+                valid = _unpack_rows(self.valid[i], r, r + _VAR_ROWS)
+                np.subtract(self.total[rows], own[rows], out=part, where=valid)
+                np.copyto(part, self.total[rows], where=~valid)
+                c = (self.count[rows] - valid).astype(np.float32)
+            else:
+                np.copyto(part, self.total[rows])  # scaled below: never the shared sum itself
+                c = self.count[rows].astype(np.float32)
+            c *= c
+            with np.errstate(invalid="ignore", divide="ignore"):
+                part *= self.factor
+                part /= c  # c == 0: 0/0 -> NaN
         return s
 
 
@@ -746,6 +778,29 @@ def _sep_pixstack(size: int):
                 sep.set_extract_pixstack(_PIXSTACK_USERS[1])
 
 
+_PIXSTACK_FIRST = 300_000  # sep's own default pixel stack
+
+
+def _extract(data, thresh, **kw):
+    """``sep.extract`` with sep's default pixel stack, and only if that overflows (a frame
+    with a huge object, or a bad sky) again with one as large as the image.
+
+    sep allocates and fills the whole stack on every call: one of a binned
+    frame's size (1M pixels) costs 15 ms and 42 MB of fresh memory more than
+    the default, which a normal frame never outgrows."""
+    import sep
+
+    try:
+        with _sep_pixstack(min(data.size, _PIXSTACK_FIRST)):
+            return sep.extract(data, thresh, **kw)
+    except Exception as exc:  # sep raises a bare Exception
+        if "pixel buffer full" not in str(exc):
+            raise
+    log.debug("sep pixel stack of %d pixels overflowed: extracting again with %d", _PIXSTACK_FIRST, data.size)
+    with _sep_pixstack(data.size):
+        return sep.extract(data, thresh, **kw)
+
+
 def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning: int = 1,
                         shape=None, sources: bool = False):
     """Pixels of sources found by sep at ``sigma`` x background rms, dilated by ``dilate`` px.
@@ -770,13 +825,12 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     bkg = sep.Background(data, mask=bad)
     sub = data - bkg.back()
     sub[bad] = 0.0
-    with _sep_pixstack(data.size):
-        # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
-        # surface-brightness limit of a full-resolution detection at ``sigma``
-        # a mask needs no deblending (3x faster with one threshold level); a source
-        # list for the registration does
-        objs, seg = sep.extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
-                                segmentation_map=True, deblend_nthresh=32 if sources else 1)
+    # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
+    # surface-brightness limit of a full-resolution detection at ``sigma``
+    # a mask needs no deblending (3x faster with one threshold level); a source
+    # list for the registration does
+    objs, seg = _extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
+                         segmentation_map=True, deblend_nthresh=32 if sources else 1)
     mask = seg > 0
     grow = int(dilate) // b  # dilation in binned pixels (the blocks add up to b - 1 more)
     if grow > 0:
@@ -885,15 +939,16 @@ class SkyModel:
         f = self.frames[i] if frame is None else frame
         return np.subtract(f.science, self.skies[i], dtype=np.float32)
 
-    def sky_variance(self, i: int, frame=None) -> np.ndarray:
+    def sky_variance(self, i: int, frame=None, out=None) -> np.ndarray:
         """The variance of sky ``i`` (float32), NaN holes filled like the sky.
 
         With one fill pass (which takes only the originally finite neighbours)
         the filling is limited to the pixels where the frame's own variance is
         finite: where that is NaN (DO_NOT_USE pixels) the frame's total variance
-        is NaN whatever the sky's.  ``frame``: frame ``i`` once released."""
+        is NaN whatever the sky's.  ``frame``: frame ``i`` once released;
+        ``out``: a float32 plane to write into."""
         f = self.frames[i] if frame is None else frame
-        variance = self._sky_variances(i, f.variance)
+        variance = self._sky_variances(i, f.variance, out=out)
         if self._passes == 1 and np.count_nonzero(np.isnan(variance)) <= _SPARSE_FILL_FRACTION * variance.size:
             hole = ~np.isfinite(variance)
             hole &= np.isfinite(f.variance)
@@ -902,20 +957,35 @@ class SkyModel:
             return variance
         return fill_nan_box_mean(variance, box=self._box, max_passes=self._passes, copy=False)
 
-    def subtracted(self, i: int, frame=None):
+    def subtracted(self, i: int, frame=None, out=None):
         """Frame ``i`` minus its sky: science - sky, variance + sky variance,
         quality with SOURCE on masked source pixels and NO_SKY|DO_NOT_USE where
         no sky could be made.  ``frame``: frame ``i`` itself when the caller
-        has released it from the model (see :meth:`release`)."""
+        has released it from the model (see :meth:`release`).  ``out``:
+        (variance float32, quality uint32) planes to write into (e.g. reused
+        from an earlier frame) instead of new ones."""
         f = self.frames[i] if frame is None else frame
+        var_out = q_out = None
+        if out is not None:
+            var_out, q_out = out
+            if (var_out.dtype != np.float32 or q_out.dtype != np.uint32 or var_out.shape != f.shape
+                    or q_out.shape != f.shape):
+                raise ValueError(f"out must be float32 and uint32 planes of shape {f.shape}")
         science = self.science(i, f)
-        variance = self.sky_variance(i, f)
+        variance = self.sky_variance(i, f, out=var_out)
         variance += f.variance
-        quality = np.array(f.quality, dtype=np.uint32, copy=True)
+        if q_out is None:
+            quality = np.array(f.quality, dtype=np.uint32, copy=True)
+        else:
+            quality = q_out
+            np.copyto(quality, f.quality, casting="unsafe")
         if self._nosky[i].size:
             quality.reshape(-1)[self._nosky[i]] |= np.uint32(DQ.NO_SKY | DQ.DO_NOT_USE)
         if self._masks is not None:
-            quality[_unpack(self._masks[i])] |= np.uint32(DQ.SOURCE)
+            for r in range(0, quality.shape[0], _VAR_ROWS):
+                rows = slice(r, r + _VAR_ROWS)
+                np.bitwise_or(quality[rows], np.uint32(DQ.SOURCE), out=quality[rows],
+                              where=_unpack_rows(self._masks[i], r, r + _VAR_ROWS))
         hdr = f.header.copy()
         for key, value, comment in self._keywords[i]:
             hdr[key] = (value, comment)
