@@ -32,7 +32,8 @@ import sys
 
 log = logging.getLogger(__name__)
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
 _THRESHOLD = 8 << 20  # 8 MiB: frame-sized arrays are mapped, row-chunk temporaries are not
 
 _LIBC = []
@@ -75,6 +76,9 @@ def return_freed_memory_to_os() -> bool:
     if threshold <= 0:  # 0: leave glibc's dynamic threshold alone
         return False
     ok = _set_threshold(threshold)
+    trim = int(os.environ.get("IOI_TRIM_THRESHOLD", str(64 << 20)))
+    if ok and trim > 0:
+        _LIBC[0].mallopt(_M_TRIM_THRESHOLD, trim)
     log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold, ok)
     return ok
 
