@@ -269,3 +269,26 @@ def test_source_mask_survives_a_pixel_stack_overflow(monkeypatch):
     assert want[0].sum() > 500
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (37, 29), (5, 3)])
+@pytest.mark.parametrize("b", [2, 3])
+@pytest.mark.parametrize("chunk_rows", [64, 4])
+def test_bin_plane_is_the_nan_aware_block_mean(shape, b, chunk_rows, monkeypatch):
+    """Block means over the finite, not excluded pixels (NaN-padded edges), in row chunks of any size."""
+    monkeypatch.setattr(S, "_BIN_ROWS", chunk_rows)
+    rng = np.random.default_rng(shape[0] + b)
+    img = rng.normal(10.0, 2.0, shape).astype(np.float32)
+    img[rng.random(shape) < 0.1] = np.nan
+    img[:b, :b] = np.nan  # a block with no value at all
+    exclude = rng.random(shape) < 0.1
+    by, bx = -(-shape[0] // b), -(-shape[1] // b)
+    padded = np.full((by * b, bx * b), np.nan)
+    padded[:shape[0], :shape[1]] = np.where(exclude, np.nan, img)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmean(padded.reshape(by, b, bx, b), axis=(1, 3))
+    got = S._bin_plane(img, b, exclude=exclude)
+    assert got.dtype == np.float32 and got.shape == (by, bx)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.isnan(got[0, 0])

@@ -178,3 +178,17 @@ def test_unpack_rows_is_a_row_slice_of_unpack(ny, nx, r0, n, seed):
     r0 = min(r0, ny - 1)
     packed = S._pack(mask)
     np.testing.assert_array_equal(S._unpack_rows(packed, r0, r0 + n), mask[r0:r0 + n])
+
+
+def test_planes_sample_and_valid_follow_the_exclusions():
+    rng = np.random.default_rng(12)
+    values = [rng.normal(0.0, 1.0, (23, 19)).astype(np.float32) for _ in range(3)]
+    values[1][4, 5] = np.nan
+    exclude = [rng.random((23, 19)) < 0.3 for _ in range(3)]
+    planes = S._Planes(values, exclude)
+    idx = rng.choice(23 * 19, 200, replace=False)
+    want = np.stack([np.where(e, np.nan, v).reshape(-1)[idx] for v, e in zip(values, exclude)])
+    np.testing.assert_array_equal(planes.sample(idx), want)
+    for k in range(3):
+        np.testing.assert_array_equal(planes.valid(k), np.isfinite(values[k]) & ~exclude[k])
+        np.testing.assert_array_equal(planes.valid(k, slice(5, 9)), (np.isfinite(values[k]) & ~exclude[k])[5:9])
