@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ioi import fitsio
+from ioi._parallel import thread_map
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.errors import ExitCode, InputError, IoiError
 
@@ -97,13 +98,33 @@ def load_calibration(pipe: PipelineConfig, paths: PathsConfig, *, flip: bool = F
     exit codes: linearity 7, flat 21, mask 27; shapes that disagree with
     ``shape`` (the stripped science frame): linearity 23, flat 24, mask 26.
     """
+    # what to read, in the order the checks report problems
+    wanted = []
+    if pipe.nonlinearity_corrections.do and pipe.frame_combination.do:
+        wanted.append(("lin", paths.lin_coeffs, "linearity coefficient", ExitCode.LINEARITY_FILE_MISSING))
+    if pipe.flatfielding.do:
+        wanted.append(("flat", paths.flat, "flat", ExitCode.FLAT_FILE_MISSING))
+    if pipe.bad_pix_masking.do:
+        for name in pipe.bad_pix_masking.which:
+            wanted.append((f"mask_{name.lower()}", paths.flat_bad if name == "FLAT" else paths.lin_bad,
+                           f"{name} bad-pixel mask", ExitCode.MASK_FILE_MISSING))
+
+    def read(item):
+        key, path, what, code = item
+        p = _require(path, what, code)
+        if key == "lin":
+            return p, fitsio.read_cube(p, what="linearity coefficient file")
+        return p, fitsio.read_image(p, what="flat" if key == "flat" else what)[0]
+
+    # the files on threads (the conversion to float32 releases the GIL); the first
+    # problem in the order above is the one raised
+    read_files = dict(zip((w[0] for w in wanted), thread_map(read, wanted)))
     flat = lin = None
     masks = {}
     files = {}
     loaded = []
-    if pipe.nonlinearity_corrections.do and pipe.frame_combination.do:
-        p = _require(paths.lin_coeffs, "linearity coefficient", ExitCode.LINEARITY_FILE_MISSING)
-        lin = fitsio.read_cube(p, what="linearity coefficient file")
+    if "lin" in read_files:
+        p, lin = read_files["lin"]
         need = pipe.nonlinearity_corrections.order + 1
         if lin.shape[0] < need:
             raise IoiError(f"linearity coefficient file {p} has {lin.shape[0]} HDUs; order "
@@ -115,9 +136,8 @@ def load_calibration(pipe: PipelineConfig, paths: PathsConfig, *, flip: bool = F
         if shape is not None and lin.shape[-2:] != tuple(shape):
             raise IoiError(f"linearity coefficient file {p} has shape {lin.shape[-2:]}, expected {tuple(shape)}",
                            exit_code=ExitCode.LINEARITY_SHAPE_MISMATCH)
-    if pipe.flatfielding.do:
-        p = _require(paths.flat, "flat", ExitCode.FLAT_FILE_MISSING)
-        flat, _ = fitsio.read_image(p, what="flat")
+    if "flat" in read_files:
+        p, flat = read_files["flat"]
         files["flat"] = p
         loaded.append(("flat", flat, p))
         if shape is not None and flat.shape != tuple(shape):
@@ -125,9 +145,7 @@ def load_calibration(pipe: PipelineConfig, paths: PathsConfig, *, flip: bool = F
                            exit_code=ExitCode.FLAT_SHAPE_MISMATCH)
     if pipe.bad_pix_masking.do:
         for name in pipe.bad_pix_masking.which:
-            path = paths.flat_bad if name == "FLAT" else paths.lin_bad
-            p = _require(path, f"{name} bad-pixel mask", ExitCode.MASK_FILE_MISSING)
-            mask, _ = fitsio.read_image(p, what=f"{name} bad-pixel mask")
+            p, mask = read_files[f"mask_{name.lower()}"]
             if shape is not None and mask.shape != tuple(shape):
                 raise IoiError(f"{name} bad-pixel mask {p} has shape {mask.shape}, expected {tuple(shape)}",
                                exit_code=ExitCode.MASK_SHAPE_MISMATCH)

@@ -111,23 +111,30 @@ def read_cube(path, *, what="multi-extension file") -> np.ndarray:
     """Read every image HDU of a multi-extension file, stacked: float32 (nhdu, ny, nx).
 
     Used for linearity coefficients (HDU i = order-i coefficient image).
+    Each plane is converted straight into the cube (no stacked copy).
     """
     path = Path(path)
-    planes = []
     with _open(path, what) as hdul:
+        images = []
         for i, h in enumerate(hdul):
-            if h.data is None:
-                continue
             try:
-                planes.append(_to_float32(h))
+                if h.data is None:
+                    continue
             except (ValueError, TypeError, OSError) as exc:
                 raise InputError(f"cannot read {what} {path} HDU {i}: {exc}") from None
-    if not planes:
-        raise InputError(f"{what} {path} holds no image data")
-    shapes = {p.shape for p in planes}
-    if len(shapes) != 1:
-        raise InputError(f"{what} {path} has HDUs of different shapes {sorted(shapes)}")
-    return np.stack(planes)
+            images.append((i, h))
+        if not images:
+            raise InputError(f"{what} {path} holds no image data")
+        shapes = {h.data.shape for _, h in images}
+        if len(shapes) != 1:
+            raise InputError(f"{what} {path} has HDUs of different shapes {sorted(shapes)}")
+        cube = np.empty((len(images),) + shapes.pop(), dtype=np.float32)
+        for k, (i, h) in enumerate(images):
+            try:
+                _to_float32(h, out=cube[k])
+            except (ValueError, TypeError, OSError) as exc:
+                raise InputError(f"cannot read {what} {path} HDU {i}: {exc}") from None
+    return cube
 
 
 def _current_umask() -> int:
