@@ -342,9 +342,6 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
                 bad_pixels = combined_bad_pixel_mask(cal.masks, shape)
             done = pool.map(lambda seq: process_dither(seq, pipe, cal, run, out_dir, multrun.name, bad_pixels),
                             multrun.dithers)
-            # this thread only waits meanwhile: import the later stages' modules now (scipy.spatial,
-            # sep: ~0.1 s) rather than on the critical path after the last dither
-            from ioi.stages import register, sky, stack  # noqa: F401
             for i, (seq, frame) in enumerate(zip(multrun.dithers, done)):
                 frames.append(frame)
                 if progress:
