@@ -142,9 +142,11 @@ def test_calibrated_frames_do_not_share_the_reused_ramp_buffers(sims, tmp_path, 
     cal = load_calibration(pipe, paths)
     run = pipeline._Run(pipeline.ReductionResult(multrun=multrun.name))
     frame = pipeline.process_dither(multrun.dithers[0], pipe, cal, run, tmp_path, multrun.name)
-    before = frame.science.copy()
-    buffers = [getattr(pipeline._BUFFERS, name) for name in ("cube", "saturated")]
+    before = [frame.science.copy(), frame.variance.copy(), frame.quality.copy()]
+    buffers = list(pipeline._thread_scratch()._arrays.values())
+    assert len(buffers) >= 3  # the cube, its saturation flags and the ramp's quality
     for plane in (frame.science, frame.variance, frame.quality):
         assert not any(np.shares_memory(plane, b) for b in buffers)
     pipeline.process_dither(multrun.dithers[1], pipe, cal, run, tmp_path, multrun.name)  # reuses them
-    np.testing.assert_array_equal(frame.science, before)
+    for plane, b in zip((frame.science, frame.variance, frame.quality), before):
+        np.testing.assert_array_equal(plane, b)

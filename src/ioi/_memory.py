@@ -27,8 +27,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import sys
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +100,29 @@ def release_free_heap() -> bool:
     except AttributeError:
         return False
     return True
+
+
+class Scratch:
+    """Named work arrays reused from one call to the next by one thread (e.g. one
+    frame after another): :meth:`get` returns a C-contiguous array of the shape
+    and dtype asked for, carved from a buffer kept under that name (a new buffer
+    only when the old one is too small).  Contents are whatever the last user
+    left: callers overwrite what they read.
+
+    Fresh frame-sized arrays are costly: the kernel zeroes every page on first
+    touch (with the fixed mmap threshold above, every time), 15-25 % of the
+    pipeline's CPU before work arrays were reused.  One Scratch per thread; not
+    thread-safe.
+    """
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, name: str, shape, dtype) -> np.ndarray:
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = self._arrays.get(name)
+        if buf is None or buf.size < nbytes:
+            self._arrays[name] = None  # drop the old one first (less memory at the peak)
+            buf = self._arrays[name] = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)

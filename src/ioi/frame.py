@@ -40,12 +40,13 @@ class DQ(enum.IntFlag):
 _FLAG_ROWS = 64  # rows tested at a time by flagged()
 
 
-def flagged(quality: np.ndarray, bits) -> np.ndarray:
+def flagged(quality: np.ndarray, bits, out=None) -> np.ndarray:
     """Boolean plane of the pixels with any of the DQ ``bits`` set: ``(quality & bits) != 0``
     computed in row chunks through one small reused buffer (no frame-sized
-    integer temporary; several times faster on a full frame)."""
+    integer temporary; several times faster on a full frame).  ``out``: a bool
+    array of the same shape to write into."""
     quality = np.asarray(quality)
-    out = np.empty(quality.shape, dtype=bool)
+    out = np.empty(quality.shape, dtype=bool) if out is None else out
     if quality.ndim != 2:
         np.not_equal(quality & quality.dtype.type(bits), 0, out=out)
         return out

@@ -25,7 +25,7 @@ import numpy as np
 from astropy.io import fits
 
 from ioi import fitsio, sexconfig
-from ioi._memory import release_free_heap
+from ioi._memory import Scratch, release_free_heap
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.discovery import LT, DitherSequence, Multrun
@@ -123,20 +123,29 @@ def gain_for(header) -> tuple[float, str | None]:
                           "GAIN/EPERDN left out of the stack")
 
 
-_BUFFERS = threading.local()
+_SCRATCH = threading.local()
 
 
 def _thread_buffer(name: str, shape, dtype) -> np.ndarray:
-    """A per-thread array reused from one dither to the next (the ramp cube and its
-    saturation flags: 85 MB a full-size Fowler-2 dither that need not be allocated,
-    and zeroed by the kernel, for every dither).  Valid until the same thread asks
-    again: nothing that outlives a dither may keep a view of it."""
-    buf = getattr(_BUFFERS, name, None)
-    if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
-        setattr(_BUFFERS, name, None)
-        buf = np.empty(shape, dtype=dtype)
-        setattr(_BUFFERS, name, buf)
-    return buf
+    """A per-thread array reused from one dither (or frame) to the next: the ramp
+    cube, its saturation flags and quality (85 MB a full-size Fowler-2 dither),
+    a worker's sky-subtracted planes, ... that need not be allocated, and zeroed
+    by the kernel, every time.  Valid until the same thread asks again: nothing
+    that outlives a dither may keep a view of it."""
+    return _thread_scratch().get(name, shape, dtype)
+
+
+def _zeroed(a: np.ndarray) -> np.ndarray:
+    a.fill(0)
+    return a
+
+
+def _thread_scratch() -> Scratch:
+    """This thread's :class:`~ioi._memory.Scratch` (work arrays it reuses)."""
+    scratch = getattr(_SCRATCH, "scratch", None)
+    if scratch is None:
+        scratch = _SCRATCH.scratch = Scratch()
+    return scratch
 
 
 def read_ramp(seq: DitherSequence, *, saturation_level: float, reuse_buffers: bool = False) -> tuple[Ramp, int]:
@@ -178,7 +187,8 @@ def read_ramp(seq: DitherSequence, *, saturation_level: float, reuse_buffers: bo
         group=np.array([int(r.header.get("SEQNUM_M", r.group)) for r in seq.reads]),
         index=np.array([int(r.header.get("SEQNUM_N", r.exposure)) for r in seq.reads]),
         header=header0,
-        quality=np.zeros(data0.shape, dtype=np.uint32),
+        quality=_zeroed(_thread_buffer("quality", data0.shape, np.uint32)) if reuse_buffers
+        else np.zeros(data0.shape, dtype=np.uint32),
         saturated=saturated,
         names=tuple(r.path.name for r in seq.reads),
     )
@@ -470,7 +480,8 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             t0 = time.perf_counter()
             registered = register.registered_frame(target, t, reference=i == 0, geometry=rp.fit_geometry,
                                                    bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold,
-                                                   out=None if i == 0 else planes_for_resampling(target.shape))
+                                                   out=None if i == 0 else planes_for_resampling(target.shape),
+                                                   scratch=_thread_scratch())
             seconds["resample"] = time.perf_counter() - t0
             if rp.hard:
                 _hard(rp, registered, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")

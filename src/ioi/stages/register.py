@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from ioi._memory import Scratch
 from ioi._parallel import thread_map
 from ioi.errors import ConfigError, ExitCode, IoiError, StageError
 from ioi.frame import DQ, Frame, flagged
@@ -155,7 +156,7 @@ def _subtract_background(data, bad, sky_subtracted: bool) -> float:
 
 
 def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, minarea: int = 5,
-                   sky_subtracted: bool = False, guesses=None):
+                   sky_subtracted: bool = False, guesses=None, scratch=None):
     """Detect sources with sep and measure windowed centroids.
 
     Parameters
@@ -178,6 +179,9 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
         means): sep's extraction is skipped and the windowed centroids start
         from these positions (the brightest ``_MAX_GUESSES``); a source is kept
         when its S/N in the centroid window reaches ``thresh``.
+    scratch : ioi._memory.Scratch, optional
+        Work arrays reused from call to call (the copy of the image, its bad
+        pixels) instead of new ones.
 
     Returns
     -------
@@ -185,10 +189,15 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     """
     import sep  # deferred import
 
-    data = np.array(image, dtype=np.float32, order="C", copy=True)
-    if data.dtype.byteorder not in ("=", "|"):
-        data = data.astype(data.dtype.newbyteorder("="))
-    bad = ~np.isfinite(data)
+    image = np.asarray(image)
+    if scratch is None:
+        data = np.array(image, dtype=np.float32, order="C", copy=True)
+        bad = np.empty(data.shape, dtype=bool)
+    else:
+        data = scratch.get("data", image.shape, np.float32)
+        np.copyto(data, image, casting="unsafe")
+        bad = scratch.get("bad", image.shape, bool)
+    np.logical_not(np.isfinite(data, out=bad), out=bad)
     if mask is not None:
         bad |= np.asarray(mask, dtype=bool)
     for ys, xs in _regions(bad_regions):
@@ -458,9 +467,10 @@ def _clamped(start: int, stop: int, n: int):
     return np.clip(np.arange(start, stop), 0, n - 1)
 
 
-def _bad_pixels(science, quality) -> np.ndarray:
-    """NaN (or infinite) or DO_NOT_USE pixels, in row chunks (no frame-sized temporaries)."""
-    bad = flagged(quality, DQ.DO_NOT_USE)
+def _bad_pixels(science, quality, out=None) -> np.ndarray:
+    """NaN (or infinite) or DO_NOT_USE pixels, in row chunks (no frame-sized temporaries);
+    ``out``: a bool plane to write into."""
+    bad = flagged(quality, DQ.DO_NOT_USE, out=out)
     finite = np.empty((_CHUNK_ROWS, science.shape[1]), dtype=bool)
     for r in range(0, science.shape[0], _CHUNK_ROWS):
         n = min(_CHUNK_ROWS, science.shape[0] - r)
@@ -469,12 +479,17 @@ def _bad_pixels(science, quality) -> np.ndarray:
     return bad
 
 
-def _filled_padded(science, bad, pad: int) -> np.ndarray:
+def _work(scratch, name, shape, dtype) -> np.ndarray:
+    """A work array: reused from ``scratch`` (an :class:`ioi._memory.Scratch`) when given, else new."""
+    return np.empty(shape, dtype=dtype) if scratch is None else scratch.get(name, shape, dtype)
+
+
+def _filled_padded(science, bad, pad: int, scratch=None) -> np.ndarray:
     """``science`` edge-padded by ``pad`` pixels, its ``bad`` pixels first replaced by the mean
     of the good pixels in the ``_FILL_BOX`` square around them (clipped at the edges), 0 where
     there are none: what :func:`_fill_bad` then ``np.pad(mode="edge")`` give, in one copy."""
     ny, nx = science.shape
-    p = np.empty((ny + 2 * pad, nx + 2 * pad), dtype=np.float32)
+    p = _work(scratch, "padded", (ny + 2 * pad, nx + 2 * pad), np.float32)
     inner = p[pad:pad + ny, pad:pad + nx]
     inner[...] = science
     flat = np.flatnonzero(bad)
@@ -493,7 +508,7 @@ def _filled_padded(science, bad, pad: int) -> np.ndarray:
     return p
 
 
-def _bad_weight_at(bad, rows: slice, cols: slice, shift):
+def _bad_weight_at(bad, rows: slice, cols: slice, shift, scratch=None):
     """The bad indicator (bad = 100, good = 0) linearly interpolated at ``(i + dy, j + dx)``,
     evaluated only where it is not 0: ``(flat output indices, values float32)``.
 
@@ -506,11 +521,14 @@ def _bad_weight_at(bad, rows: slice, cols: slice, shift):
     (fy, (wy0, wy1)), (fx, (wx0, wx1)) = _axis_taps(shift[0], 1), _axis_taps(shift[1], 1)
     r0, c0 = rows.start + fy, cols.start + fx  # input corner of output (rows.start, cols.start)
     nr, nc = rows.stop - rows.start, cols.stop - cols.start
-    b = np.pad(bad, 1, mode="edge")  # edge replication covers the clamped taps (-1 and n)
-    near = np.zeros((nr, nc), dtype=bool)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            near |= b[r0 + 1 + dy:r0 + 1 + dy + nr, c0 + 1 + dx:c0 + 1 + dx + nc]
+    b = _work(scratch, "bad_padded", (ny + 2, nx + 2), bool)  # edge replication covers the clamped
+    b[1:-1, 1:-1] = bad                                       # taps (-1 and n)
+    b[0, 1:-1], b[-1, 1:-1] = bad[0], bad[-1]
+    b[:, 0], b[:, -1] = b[:, 1], b[:, -2]
+    near = _work(scratch, "near", (nr, nc), bool)
+    np.copyto(near, b[r0 + 1:r0 + 1 + nr, c0 + 1:c0 + 1 + nc])
+    for dy, dx in ((0, 1), (1, 0), (1, 1)):
+        near |= b[r0 + 1 + dy:r0 + 1 + dy + nr, c0 + 1 + dx:c0 + 1 + dx + nc]
     local = np.flatnonzero(near)
     if local.size == 0:
         return local, np.zeros(0, dtype=np.float32)
@@ -545,7 +563,7 @@ def _output_planes(shape, out):
     return planes
 
 
-def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=None):
+def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=None, scratch=None):
     """A pure shift, separably: every output pixel ``(i, j)`` samples the input at
     ``(i + dy, j + dx)``, so each axis is one fixed 1-D kernel applied by slicing.
 
@@ -571,9 +589,9 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
         return science, variance, quality
     nc = cols.stop - cols.start
 
-    bad = _bad_pixels(science_in, quality_in)
+    bad = _bad_pixels(science_in, quality_in, out=_work(scratch, "bad", (ny, nx), bool))
     pad = _SPLINE_PAD if order == 3 else _FILL_BOX // 2  # the fill's boxes need a border too
-    p = _filled_padded(science_in, bad, pad)
+    p = _filled_padded(science_in, bad, pad, scratch)
     if order == 3:
         ndimage.spline_filter1d(p, 3, axis=0, output=p, mode="nearest")  # in place, line by line
     fy, wy = _axis_taps(shift[0], order)
@@ -602,7 +620,7 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
         q = quality_in[_clamped(a + qfy, b + qfy, ny)]
         np.bitwise_and(q[:, qcols], keep_bits, out=quality[out, cols])
     del p
-    idx, weight = _bad_weight_at(bad, rows, cols, shift)
+    idx, weight = _bad_weight_at(bad, rows, cols, shift, scratch)
     del bad
     _mask_bad(science, variance, quality, idx, weight, bad_threshold)
     return science, variance, quality
@@ -647,7 +665,7 @@ def _fill_bad(science, bad):
 
 
 def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float = 20.0,
-                   order: int = 3, out=None) -> Frame:
+                   order: int = 3, out=None, scratch=None) -> Frame:
     """Resample a frame onto the reference grid (same shape).
 
     Parameters
@@ -665,6 +683,9 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
         Writeable C-contiguous float32, float32 and uint32 planes of the
         frame's shape to resample into (e.g. reused from an earlier frame),
         instead of new arrays.  They must not be the input's own.
+    scratch : ioi._memory.Scratch, optional
+        Work arrays to reuse from call to call (one per thread), instead of
+        new ones (a pure shift's padded copy and bad-pixel planes).
 
     Returns
     -------
@@ -684,7 +705,7 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     mat, off = _pullback(transform)
     shift_only = bool(np.allclose(mat, np.eye(2), rtol=0, atol=1e-12))
     if shift_only and order in (0, 1, 3):
-        science, variance, quality = _resample_shift(frame, off, order, bad_threshold, out)
+        science, variance, quality = _resample_shift(frame, off, order, bad_threshold, out, scratch)
         return frame.replace(science=science, variance=variance, quality=quality, header=frame.header.copy())
 
     planes = _output_planes((ny, nx), out)
@@ -818,11 +839,13 @@ class TransformFinder:
         self.count = 0
         self.shape = None
         self._ref_src = self._ref_xy = None
+        self._scratch = Scratch()  # work arrays reused frame after frame (one thread adds)
 
     def sources(self, frame, guesses=None) -> np.ndarray:
         """The frame's sources (:func:`detect_sources`, its DO_NOT_USE pixels masked)."""
-        m = flagged(frame.quality, DQ.DO_NOT_USE)
-        return detect_sources(frame.science, bad_regions=self.regions, mask=m, guesses=guesses, **self.detection)
+        m = flagged(frame.quality, DQ.DO_NOT_USE, out=self._scratch.get("mask", frame.shape, bool))
+        return detect_sources(frame.science, bad_regions=self.regions, mask=m, guesses=guesses,
+                              scratch=self._scratch, **self.detection)
 
     def add(self, frame, guesses=None) -> Transform:
         """The transform of ``frame`` relative to the first frame added (``guesses``:
@@ -859,13 +882,14 @@ class TransformFinder:
 
 
 def registered_frame(frame: Frame, transform: Transform, *, reference: bool = False, geometry: str = "SHIFT",
-                     bad_threshold: float = 20.0, order: int = 3, out=None) -> Frame:
+                     bad_threshold: float = 20.0, order: int = 3, out=None, scratch=None) -> Frame:
     """One frame on the reference grid with the registration keywords, as
     :func:`resample_frames` makes it (the reference itself is not resampled;
-    ``out``: planes to resample into, see :func:`resample_frame`)."""
+    ``out``, ``scratch``: planes to resample into, work arrays, see :func:`resample_frame`)."""
     geo = _check_geometry(geometry)
     if not reference:
-        frame = resample_frame(frame, transform, bad_threshold=bad_threshold, order=order, out=out)
+        frame = resample_frame(frame, transform, bad_threshold=bad_threshold, order=order, out=out,
+                               scratch=scratch)
     return frame.replace(header=_reg_header(frame.header, geo, transform, order, bad_threshold))
 
 
