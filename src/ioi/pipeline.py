@@ -171,7 +171,8 @@ def read_ramp(seq: DitherSequence, *, saturation_level: float, reuse_buffers: bo
         if d.shape != data0.shape:
             raise IoiError(f"{r.path} has shape {d.shape}, {first.path} has {data0.shape}",
                            exit_code=ExitCode.NO_SUITABLE_FILES)
-        cube[i] = d
+        if d is not cube[i] and not np.shares_memory(d, cube[i]):
+            cube[i] = d
     if "NOUTPUTS" not in header0:
         raise IoiError(f"{first.path} has no NOUTPUTS keyword", exit_code=ExitCode.NO_NOUTPUTS)
     try:
