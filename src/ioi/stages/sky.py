@@ -559,7 +559,7 @@ def _pair_offsets(planes, sigma: float, seed: int = 0):
 
 
 def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
-                  chunk_rows: int = 128) -> list:
+                  chunk_rows: int = 64) -> list:
     """All n median skies, a list of (ny, nx) float32, NaN-aware, in row chunks.
 
     Frames are level-normalised (``value_j - levels[j]``) and each sky is the
@@ -570,6 +570,9 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
     ``s[k + 1]``: no ranks are needed.  Pixels where every frame is finite (the
     bulk) take fixed positions; the others are gathered.  Equal to
     ``nanmedian`` over the peers (the two middle values averaged in float64).
+    64-row chunks keep a 9-frame working set near the L2 cache size (measured
+    on 2 cores, 2048x2048: 128 rows 0.44-0.53 s a pass, 64 rows 0.42-0.43 s,
+    32 rows 0.49 s).
     """
     n = planes.n
     ny, nx = planes.shape
