@@ -239,7 +239,9 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     return out[np.argsort(-out["flux"], kind="stable")]
 
 
-_MAX_GUESSES = 400  # brightest starting positions kept: matching uses 50, the fit gains little beyond
+_MAX_GUESSES = 200  # brightest starting positions kept: matching uses 50; measured on a simulated
+# 9-dither multrun, 400 -> 200 guesses: shift error vs truth 0.0032 -> 0.0043 px rms (negligible
+# against the 5.2 px FWHM), sep (which holds the GIL) ~0.09 s a frame less
 
 
 def _usable_guesses(guesses, bad) -> np.ndarray:
