@@ -192,3 +192,24 @@ def test_planes_sample_and_valid_follow_the_exclusions():
     for k in range(3):
         np.testing.assert_array_equal(planes.valid(k), np.isfinite(values[k]) & ~exclude[k])
         np.testing.assert_array_equal(planes.valid(k, slice(5, 9)), (np.isfinite(values[k]) & ~exclude[k])[5:9])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["new", "a", "b"]))
+def test_select_is_where(seed, into):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(5, 9)).astype(np.float32)
+    b = rng.normal(size=(5, 9)).astype(np.float32)
+    a[0, :3] = [np.nan, np.inf, -0.0]
+    cond = rng.random((5, 9)) < 0.5
+    want = np.where(cond, a, b)
+    out = {"new": None, "a": a, "b": b}[into]
+    got = S._select(cond, a, b, out=out)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))  # bit for bit
+
+
+def test_median_skies_of_one_frame():
+    v = [np.array([[1.0, np.nan, 3.0]], dtype=np.float32)]
+    alone = S._median_skies(S._Planes(v), np.zeros(1), peers_only=True)[0]
+    assert np.isnan(alone).all()  # no peers
+    np.testing.assert_array_equal(S._median_skies(S._Planes(v), np.zeros(1), peers_only=False)[0], v[0])

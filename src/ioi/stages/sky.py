@@ -558,6 +558,26 @@ def _pair_offsets(planes, sigma: float, seed: int = 0):
     return off, rms
 
 
+def _select(cond, a, b, out=None, mask=None):
+    """``np.where(cond, a, b)`` for float32 arrays of one shape, without branches.
+
+    numpy's ``where`` (and a masked ``copyto``) branches on every element: on
+    the near-random conditions of the median skies it was measured at 7 ns an
+    element, this bit blend (``b ^ ((a ^ b) & -cond)`` on the bits) at 1.4 ns.
+    ``out`` may be ``a`` or ``b``; ``mask`` an int32 work array.
+    """
+    out = np.empty_like(a) if out is None else out
+    mask = np.empty(a.shape, np.int32) if mask is None else mask
+    np.subtract(0, cond, dtype=np.int32, out=mask)  # all bits set where cond
+    bits, bb = out.view(np.int32), b.view(np.int32)
+    if out is b:
+        bb = b.copy().view(np.int32)
+    np.bitwise_xor(a.view(np.int32), bb, out=bits)
+    bits &= mask
+    bits ^= bb
+    return out
+
+
 def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
                   chunk_rows: int = 64) -> list:
     """All n median skies, a list of (ny, nx) float32, NaN-aware, in row chunks.
@@ -570,6 +590,9 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
     ``s[k + 1]``: no ranks are needed.  Pixels where every frame is finite (the
     bulk) take fixed positions; the others are gathered.  Equal to
     ``nanmedian`` over the peers (the two middle values averaged in float64).
+    The choices between sorted values are bit blends, not ``np.where`` (see
+    :func:`_select`): on the bench's second pass (nine 2040x2040 frames, 7 %
+    of each masked) 2.0 s of CPU with ``np.where`` (2026-12-02), 1.0 s now.
     Chunks of 64 rows were measured fastest (2 cores, nine 2048x2048 frames:
     128 rows 0.44-0.53 s a pass, 64 rows 0.42-0.43 s, 32 rows 0.49 s).
     """
@@ -584,65 +607,85 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
         rows = slice(r0, r0 + chunk_rows)
         vals, fins = [], []
         for k in range(n):
-            v = planes.rows(k, rows)
-            v -= lv[k]
+            v = np.subtract(planes.values[k][rows], lv[k], dtype=np.float32)
             fin = np.isfinite(v)
-            v[~fin] = inf
+            ex = planes._excluded(k, rows)
+            if ex is not None:
+                fin &= ~ex
+            np.copyto(v, inf, where=~fin)
             vals.append(v)
             fins.append(fin)
         count = np.sum(fins, axis=0, dtype=np.int16) if n > 1 else fins[0].astype(np.int16)
-        s = [v.copy() for v in vals]
-        tmp = np.empty_like(s[0])
+        # sort across frames; a comparator's first touch of a frame writes new arrays
+        # (no copies of vals)
+        s, own = list(vals), [False] * n
+        tmp = np.empty_like(vals[0])
         for i, j in network:
             np.minimum(s[i], s[j], out=tmp)
-            np.maximum(s[i], s[j], out=s[j])
-            s[i], tmp = tmp, s[i]
+            if own[j]:
+                np.maximum(s[i], s[j], out=s[j])
+            else:
+                s[j], own[j] = np.maximum(s[i], s[j]), True
+            if own[i]:
+                s[i], tmp = tmp, s[i]
+            else:
+                s[i], own[i], tmp = tmp, True, np.empty_like(tmp)
+        # Every median needed lies among the sorted values g0, g1, g2 at k1, k1 + 1,
+        # k1 + 2, k1 = (count - 2) // 2 (clipped to 0 .. n - 1).
+        k = (n - 2) // 2  # k1 where every frame is finite (the bulk of the pixels)
+        g0, g1, g2 = (s[min(max(k + j, 0), n - 1)] for j in range(3))
         partial = np.flatnonzero(count.reshape(-1) < n)
-        if partial.size:
-            cnt = count.reshape(-1)[partial].astype(np.int64)
+        if partial.size:  # pixels with a missing frame: their g0, g1, g2 gathered
+            kp = count.reshape(-1)[partial] // 2 - 1
+            srt = np.stack([si.reshape(-1)[partial] for si in s])
             cols = np.arange(partial.size)
-            srt = np.stack([si.reshape(-1)[partial] for si in s])  # (n, m): pixels with a missing frame
-
-            def around(c):
-                """Sorted values at positions k1, k1+1, k1+2 (k1 = (c-1)//2) and whether c is even."""
-                k1 = np.maximum(c - 1, 0) // 2
-                return [srt[np.minimum(k1 + j, n - 1), cols] for j in range(3)], c % 2 == 0
-
-        if not peers_only:
-            k1, k2 = (n - 1) // 2, n // 2
-            med = (s[k1].astype(np.float64) + s[k2]) * 0.5
-            if partial.size:
-                (g0, g1, _), even = around(cnt)
-                mp = (g0.astype(np.float64) + np.where(even, g1, g0)) * 0.5
-                mp[cnt == 0] = np.nan
-                med.reshape(-1)[partial] = mp
-            for i in range(n):
-                skies[i][rows] = med + levels[i]
-            return
+            g0, g1, g2 = (g.copy() for g in (g0, g1, g2))
+            for j, g in enumerate((g0, g1, g2)):
+                g.reshape(-1)[partial] = srt[np.clip(kp + j, 0, n - 1), cols]
+            del srt, cols, kp
+            odd = (count & 1).astype(bool)
+        else:
+            odd = bool(n & 1)
+        # The median of all count values: (g0 + g1) / 2, or g1 for an odd count.
+        every = np.add(_select(odd, g1, g0) if partial.size else (g1 if odd else g0), g1, dtype=np.float64)
+        every *= 0.5
         if partial.size:
-            # A missing frame i (x = +inf) has cnt finite peers and the median of the
-            # first cnt sorted values, the same for every such frame; a finite frame i
-            # has cnt - 1 peers and the k-th of them is s[k] if s[k] < x else s[k+1].
-            (h0, h1, _), even0 = around(cnt)
-            missing_med = (h0.astype(np.float64) + np.where(even0, h1, h0)) * 0.5
-            missing_med[cnt == 0] = np.nan
-            (g0, g1, g2), even1 = around(cnt - 1)
-            no_peer = cnt - 1 <= 0
-        k1, k2 = (n - 2) // 2, (n - 1) // 2  # c = n - 1 peers where every frame is finite
+            every[count == 0] = np.nan
+        if not peers_only:
+            for i in range(n):
+                np.add(every, levels[i], out=skies[i][rows])
+            return
+        # Frame i (value x) left out: the k-th of its peers is s[k] if s[k] < x else
+        # s[k + 1].  With an even number (count - 1) of peers the median averages
+        # those at k1 and k1 + 1, (a, b) below; with an odd number it is a alone,
+        # which b also gives when it picks from (g0, g1) instead of (g1, g2).
+        h1 = _select(odd, g1, g0) if partial.size else (g1 if odd else g0)
+        h2 = _select(odd, g2, g1) if partial.size else (g2 if odd else g1)
+        # a = g1 ^ ((g0 ^ g1) & -(g0 < x)) on the bits: branch-free (see _select)
+        i32 = np.int32
+        d01 = np.bitwise_xor(g0.view(i32), g1.view(i32))
+        dh = np.bitwise_xor(h1.view(i32), h2.view(i32))
+        a, b, mask = np.empty_like(g0), np.empty_like(g0), np.empty(g0.shape, i32)
+        less = np.empty(g0.shape, bool)
+        med = np.empty(g0.shape, dtype=np.float64)
+        lonely = count.reshape(-1) <= 1 if partial.size else None  # the one finite frame has no peer
         for i in range(n):
             x = vals[i]
-            a = np.where(s[k1] < x, s[k1], s[k1 + 1])
-            b = a if k2 == k1 else np.where(s[k2] < x, s[k2], s[k2 + 1])
-            med = (a.astype(np.float64) + b) * 0.5
+            for lo, dif, hi, out in ((g0, d01, g1, a), (h1, dh, h2, b)):
+                np.less(lo, x, out=less)
+                np.subtract(0, less, dtype=i32, out=mask)
+                np.bitwise_and(dif, mask, out=out.view(i32))
+                np.bitwise_xor(out.view(i32), hi.view(i32), out=out.view(i32))
+            np.add(a, b, out=med, dtype=np.float64)
+            med *= 0.5
+            sky = skies[i][rows]
+            np.add(med, levels[i], out=sky)
             if partial.size:
-                xp = x.reshape(-1)[partial]
-                pa = np.where(g0 < xp, g0, g1)
-                pb = np.where(even1, np.where(g1 < xp, g1, g2), pa)
-                mp = (pa.astype(np.float64) + pb) * 0.5
-                mp[no_peer] = np.nan
-                med.reshape(-1)[partial] = np.where(fins[i].reshape(-1)[partial], mp, missing_med)
-            med += levels[i]
-            skies[i][rows] = med
+                sky = sky.reshape(-1)
+                miss = np.flatnonzero(~fins[i].reshape(-1))  # frame i missing: all count values are its peers
+                sky[miss] = every.reshape(-1)[miss] + levels[i]
+                if lonely.any():
+                    sky[lonely & fins[i].reshape(-1)] = np.nan
 
     # numpy's element-wise operations release the GIL: row chunks (disjoint
     # output rows) run on the machine's cores
