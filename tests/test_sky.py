@@ -292,3 +292,30 @@ def test_bin_plane_is_the_nan_aware_block_mean(shape, b, chunk_rows, monkeypatch
     assert got.dtype == np.float32 and got.shape == (by, bx)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.isnan(got[0, 0])
+
+
+def _clip_by_masks(d, sigma):
+    """The clipping's definition, with a mask over all the values each iteration."""
+    d = d[np.isfinite(d)]
+    keep = np.ones(d.size, bool)
+    for _ in range(100):
+        kept = d[keep]
+        new = np.abs(d - np.median(kept)) <= sigma * kept.std()
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return d[keep].mean(), d[keep].std()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clip_stats_equal_its_definition(seed):
+    rng = np.random.default_rng(seed)
+    d = rng.normal(3.0, 2.0, 3000)
+    stars = rng.random(d.size) < 0.1  # a positive tail, as sources give
+    d[stars] += rng.exponential(50.0, stars.sum())
+    d[:: 97] = np.nan
+    d = d.round(2)  # ties
+    for sigma in (1.5, 2.5, 3.0):
+        want = _clip_by_masks(d, sigma)
+        got = S._clip_stats(d, sigma, what="test")
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -107,27 +107,34 @@ def _clip_stats(diff: np.ndarray, sigma: float, *, what: str) -> tuple[float, fl
 
     Clipping is about the median (robust on the first pass) at ``sigma`` rms;
     it stops when no value changes state.  Raises exit 25 if nothing is left.
+    The values kept, ``|d - centre| <= sigma * rms``, are always a run of the
+    sorted values: sorted once, each iteration is a slice (its median the
+    middle) and two binary searches, not a median and a mask over all the
+    values (36 pairs of 40000 values: 0.35 -> 0.06 s of CPU).
     """
     d = np.asarray(diff, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    keep = np.ones(d.size, dtype=bool)
+    d = np.sort(d[np.isfinite(d)])
+    lo, hi = 0, d.size
     for _ in range(100):
-        if not keep.any():
+        if hi <= lo:
             break
-        kept = d[keep]
-        centre = np.median(kept)
-        rms = kept.std()
-        new = np.abs(d - centre) <= sigma * rms
-        if np.array_equal(new, keep):
+        kept = d[lo:hi]
+        m = hi - lo
+        centre = kept[m // 2] if m % 2 else (kept[m // 2 - 1] + kept[m // 2]) / 2
+        limit = sigma * kept.std()
+        # |d - centre| <= limit  <=>  -limit <= d - centre <= limit, and d - centre is sorted
+        offset = d - centre
+        span = int(np.searchsorted(offset, -limit, "left")), int(np.searchsorted(offset, limit, "right"))
+        if span == (lo, hi):
             break
-        keep = new
-    if not keep.any():
+        lo, hi = span
+    if hi <= lo:
         raise IoiError(
             f"sky level offset ({what}): sigma clipping at bg_sigma_clip = {sigma} "
             f"left no pixels ({d.size} finite differences)",
             exit_code=ExitCode.SKY_CLIP_EMPTY,
         )
-    kept = d[keep]
+    kept = d[lo:hi]
     return float(kept.mean()), float(kept.std())
 
 
@@ -1133,9 +1140,10 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         def keep_first_pass(i):
             # Where every contributing frame is masked keep the first-pass sky
             # (its variance, NaN there, is filled from the neighbours below).
-            ys, xs = np.nonzero(~np.isfinite(skies[i]))
-            if ys.size:
-                skies[i][ys, xs] = first[i][ys // b, xs // b]
+            hole = np.flatnonzero(np.isnan(skies[i]))  # flat indices: np.nonzero of a 2-D mask is ~15x slower
+            if hole.size:
+                ys, xs = np.divmod(hole, shape[1])
+                skies[i].reshape(-1)[hole] = first[i][ys // b, xs // b]
             first[i] = None
 
         thread_map(keep_first_pass, range(n))
