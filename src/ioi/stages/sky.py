@@ -338,7 +338,7 @@ def _fill_sparse(out: np.ndarray, bad: np.ndarray, box: int) -> None:
     values[flat[found]] = (total[found] / count[found]).astype(np.float32)
 
 
-_GATHER_CHUNK = 65536  # pixels whose boxes are gathered at a time (bounds the temporaries)
+_GATHER_CHUNK = 4096  # pixels whose boxes are gathered at a time (a (4096, box^2) block)
 
 
 def box_means_at(bordered: np.ndarray, where: np.ndarray, box: int):
@@ -346,12 +346,14 @@ def box_means_at(bordered: np.ndarray, where: np.ndarray, box: int):
     indices ``where`` of ``bordered`` (2-D, C-contiguous), windows as
     ``uniform_filter(size=box)`` places them.  Every window must lie inside the
     array: ``bordered`` has a border of at least ``box // 2`` pixels around the
-    pixels asked for (NaN where the window should be clipped).
+    pixels asked for (NaN where the window should be clipped).  Missing values
+    must be NaN (not infinite).
 
     Returns ``(means float32, found bool)``; ``found`` False (mean 0) where a window
-    holds no finite value.  Sums in float64, in window order, one window offset
-    at a time over all the pixels (contiguous vectors: 3x faster than summing
-    each pixel's window along a short axis).
+    holds no finite value.  Each block of pixels' windows is gathered as one
+    (pixels, box^2) array and summed along its rows in float64 with bottleneck's
+    ``nansum`` (87000 pixels of a 2040x2040 frame, box 5: 35 -> 25 ms against a
+    loop over the window offsets with ``np.where``).
     """
     width = bordered.shape[1]
     lo = box // 2
@@ -361,20 +363,13 @@ def box_means_at(bordered: np.ndarray, where: np.ndarray, box: int):
     found = np.zeros(len(where), dtype=bool)
     for k in range(0, len(where), _GATHER_CHUNK):
         w = where[k:k + _GATHER_CHUNK]
-        total = np.zeros(len(w))
-        count = np.zeros(len(w), dtype=np.int32)
-        for o in offs:
-            v = flat.take(w + o)
-            good = np.isfinite(v)
-            count += good
-            total += np.where(good, v, np.float32(0.0))
+        windows = flat.take(w[:, None] + offs)  # (pixels, box^2), float32
+        count = np.count_nonzero(windows == windows, axis=1)  # not NaN
+        total = bn.nansum(windows.astype(np.float64), axis=1)
         ok = count > 0
         means[k:k + _GATHER_CHUNK][ok] = (total[ok] / count[ok]).astype(np.float32)
         found[k:k + _GATHER_CHUNK] = ok
     return means, found
-
-
-# --------------------------------------------------------------------------- sky builds
 
 
 def _levels_from_offsets(off: np.ndarray) -> np.ndarray:
