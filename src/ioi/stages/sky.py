@@ -718,6 +718,19 @@ def _unpack_rows(packed, r0: int, r1: int) -> np.ndarray:
 _VAR_ROWS = 64  # rows of a sky variance computed at a time
 
 
+def _zero_unless(keep, values, out=None, bits=None) -> np.ndarray:
+    """float32 ``values`` where ``keep``, +0.0 elsewhere (NaN there too): ``np.where(keep,
+    values, 0)`` as a bit mask, several times faster than it or a ufunc's ``where=``
+    (see :func:`_select`).  ``out``, ``bits``: float32 and int32 work arrays of at
+    least ``values``' rows."""
+    n = len(values)
+    out = np.empty(values.shape, np.float32) if out is None else out[:n]
+    bits = np.empty(values.shape, np.int32) if bits is None else bits[:n]
+    np.subtract(0, keep, dtype=np.int32, out=bits)
+    np.bitwise_and(np.asarray(values, dtype=np.float32).view(np.int32), bits, out=out.view(np.int32))
+    return out
+
+
 class _SkyVariances:
     """factor x mean(variance of the contributing frames) / n_contributing, per frame on demand.
 
@@ -738,11 +751,13 @@ class _SkyVariances:
         total = np.zeros((ny, nx), dtype=np.float32)  # float32: a sum of a few dozen positive terms
         count = np.zeros((ny, nx), dtype=np.int16)
         self.valid = [np.empty((ny, (nx + 7) // 8), dtype=np.uint8) for _ in variances]
+        term = np.empty((_VAR_ROWS, nx), dtype=np.float32)
+        bits = np.empty((_VAR_ROWS, nx), dtype=np.int32)
         for r in range(0, ny, _VAR_ROWS):
             rows = slice(r, r + _VAR_ROWS)
             for k, v in enumerate(variances):  # frame by frame per pixel, as a sum over the stack
                 ok = valid(k, rows)
-                np.add(total[rows], v[rows], out=total[rows], where=ok)
+                total[rows] += _zero_unless(ok, v[rows], term, bits)
                 count[rows] += ok
                 self.valid[k][rows] = np.packbits(ok, axis=1)
         self.total = total
@@ -762,8 +777,7 @@ class _SkyVariances:
             part = s[rows]
             if self.peers_only:
                 valid = np.unpackbits(self.valid[i][rows], axis=1, count=nx).view(bool)
-                np.subtract(self.total[rows], own[rows], out=part, where=valid)
-                np.copyto(part, self.total[rows], where=~valid)
+                np.subtract(self.total[rows], _zero_unless(valid, own[rows]), out=part)  # x - 0 is x
                 c = (self.count[rows] - valid).astype(np.float32)
             else:
                 np.copyto(part, self.total[rows])  # scaled below: never the shared sum itself
