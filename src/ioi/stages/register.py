@@ -539,8 +539,8 @@ def _bad_weight_at(bad, rows: slice, cols: slice, shift, scratch=None):
     flat = b.reshape(-1)
     hundred = np.float32(100.0)
 
-    def tap(offset):
-        return np.where(flat.take(base + offset), hundred, np.float32(0.0))
+    def tap(offset):  # 0 or 100 (a product, not np.where, which branches on every pixel)
+        return np.multiply(flat.take(base + offset), hundred, dtype=np.float32)
 
     w = [np.float32(x) for x in (wy0, wy1, wx0, wx1)]
     left = tap(0) * w[0] + tap(nx + 2) * w[1]  # along y first, as the full-plane warp does
