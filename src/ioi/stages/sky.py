@@ -372,6 +372,9 @@ def box_means_at(bordered: np.ndarray, where: np.ndarray, box: int):
     return means, found
 
 
+# --------------------------------------------------------------------------- sky builds
+
+
 def _levels_from_offsets(off: np.ndarray) -> np.ndarray:
     """Least-squares levels L (mean 0) with L_i - L_j ~ off[i, j] for an antisymmetric off."""
     levels = off.mean(axis=1)
@@ -671,6 +674,8 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
         less = np.empty(g0.shape, bool)
         med = np.empty(g0.shape, dtype=np.float64)
         lonely = count.reshape(-1) <= 1 if partial.size else None  # the one finite frame has no peer
+        if lonely is not None and not lonely.any():
+            lonely = None
         for i in range(n):
             x = vals[i]
             for lo, dif, hi, out in ((g0, d01, g1, a), (h1, dh, h2, b)):
@@ -686,7 +691,7 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
                 sky = sky.reshape(-1)
                 miss = np.flatnonzero(~fins[i].reshape(-1))  # frame i missing: all count values are its peers
                 sky[miss] = every.reshape(-1)[miss] + levels[i]
-                if lonely.any():
+                if lonely is not None:
                     sky[lonely & fins[i].reshape(-1)] = np.nan
 
     # numpy's element-wise operations release the GIL: row chunks (disjoint
@@ -1149,7 +1154,7 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         def keep_first_pass(i):
             # Where every contributing frame is masked keep the first-pass sky
             # (its variance, NaN there, is filled from the neighbours below).
-            hole = np.flatnonzero(np.isnan(skies[i]))  # flat indices: np.nonzero of a 2-D mask is ~15x slower
+            hole = np.flatnonzero(~np.isfinite(skies[i]))  # flat indices: np.nonzero of a 2-D mask is ~15x slower
             if hole.size:
                 ys, xs = np.divmod(hole, shape[1])
                 skies[i].reshape(-1)[hole] = first[i][ys // b, xs // b]
