@@ -204,8 +204,11 @@ def test_select_is_where(seed, into):
     cond = rng.random((5, 9)) < 0.5
     want = np.where(cond, a, b)
     out = {"new": None, "a": a, "b": b}[into]
+    diff = np.bitwise_xor(a.view(np.int32), b.view(np.int32))  # the known-difference form
+    got_diff = S._select(cond, a, b, diff=diff)
     got = S._select(cond, a, b, out=out)
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))  # bit for bit
+    np.testing.assert_array_equal(got_diff.view(np.int32), want.view(np.int32))
 
 
 def test_median_skies_of_one_frame():
