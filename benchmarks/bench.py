@@ -123,6 +123,17 @@ def pipeline_ini_without(sim: Path, dest: Path, stages_off) -> Path:
 
 # ----------------------------------------------------------------------------- one reduce
 
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests so far, summed over this machine's CPUs
+    (the ``steal`` column of /proc/stat; None where there is none).  On a shared virtual
+    machine a run with much steal is slower for reasons outside ``ioi``."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     """``ioi reduce`` as a subprocess: wall time, peak RSS of that child, exit code, report."""
     if out_dir.exists():
@@ -130,6 +141,7 @@ def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     cmd = [sys.executable, "-m", "ioi", "reduce", str(sim / "raw"), "--out", str(out_dir),
            "--pi", str(pipeline_ini), "--pa", str(sim / "config" / "paths.ini"), "--force", "--log", "WARNING"]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    steal0 = steal_seconds()
     t0 = time.perf_counter()
     log_out, log_err = out_dir.parent / "reduce.stdout", out_dir.parent / "reduce.stderr"
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
@@ -138,6 +150,7 @@ def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
         # over every child so far).
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    steal1 = steal_seconds()
     proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = log_out.read_text(), log_err.read_text()
     peak_kb = usage.ru_maxrss  # kilobytes on Linux
@@ -150,7 +163,8 @@ def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
         error = (fails or lines or [f"exit {proc.returncode}"])[-1][:300]
     return {"wall_s": wall, "peak_mb": peak_kb / 1024, "rc": proc.returncode, "report": report,
             "error": error, "products": sorted(str(p) for p in out_dir.glob("*.fits")),
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "steal_s": None if steal0 is None or steal1 is None else steal1 - steal0}
 
 
 def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
@@ -164,7 +178,8 @@ def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
             if r["rc"] != 0 or r["report"] is None:
                 break
             runs.append(r)
-            log(f"  reduce run {i + 1}/{repeat}: {r['wall_s']:.2f} s wall, {r['peak_mb']:.0f} MB peak")
+            steal = "" if r["steal_s"] is None else f", {r['steal_s']:.1f} s CPU steal"
+            log(f"  reduce run {i + 1}/{repeat}: {r['wall_s']:.2f} s wall, {r['peak_mb']:.0f} MB peak{steal}")
         if runs:
             break
         log(f"  reduce failed with {list(off) or 'all stages'} on: {r['error']}")
@@ -182,6 +197,8 @@ def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
         "wall_s": statistics.median(r["wall_s"] for r in runs),
         "wall_all_s": [round(r["wall_s"], 3) for r in runs],
         "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+        "steal_s": None if any(r["steal_s"] is None for r in runs) else statistics.median(r["steal_s"] for r in runs),
+        "steal_all_s": [None if r["steal_s"] is None else round(r["steal_s"], 2) for r in runs],
         "peak_mb": max(r["peak_mb"] for r in runs),
         "products": runs[-1]["products"],
         "n_warnings": len(runs[-1]["report"].get("warnings", [])),
@@ -284,7 +301,9 @@ def print_table(results: dict, size: int) -> None:
         row(f"  {s}", lambda r, s=s: r["reduce"]["stage_seconds"].get(s))
     row("sum (overlapping)", lambda r: sum(v for k, v in r["reduce"]["stage_seconds"].items() if k != "total"))
     row("ioi reduce wall", lambda r: r["reduce"]["wall_s"])
+    row("  fastest run", lambda r: min(r["reduce"]["wall_all_s"]))
     row("  cpu (user+sys)", lambda r: r["reduce"]["cpu_s"])
+    row("  machine steal", lambda r: r["reduce"]["steal_s"])
     row("I/O floor", lambda r: r["io_floor"]["total_s"])
     row("  read raw", lambda r: r["io_floor"]["read_s"])
     row("  write products", lambda r: r["io_floor"]["write_s"])
