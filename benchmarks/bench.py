@@ -8,6 +8,9 @@ when present), then measures on this machine:
 * the wall time of the whole ``ioi reduce`` run as a subprocess (interpreter
   start and imports included) and its peak resident memory (``ru_maxrss`` of
   that very child, from ``os.wait4``);
+* the machine's state at each run: the CPU steal during it (time the hypervisor
+  gave other guests) and a fixed numpy probe just before it (milliseconds; this
+  shared machine's speed varies from hour to hour by more than steal shows);
 * the input/output floor: reading every raw file with
   :func:`ioi.fitsio.read_raw` and writing products of the same size and count
   with :func:`ioi.fitsio.write_product`, nothing else.
@@ -134,6 +137,28 @@ def steal_seconds() -> float | None:
         return None
 
 
+def machine_probe_ms() -> float:
+    """Milliseconds of a fixed single-threaded numpy workload like the pipeline's (float32
+    element-wise passes over a 16 MB plane, and a sort), the fastest of three tries.
+
+    Taken before each reduce run: this shared machine's speed changes from hour to
+    hour by more than its reported steal shows, and runs are comparable only at
+    similar probe times."""
+    rng = np.random.default_rng(0)
+    a = rng.random((2048, 2048), dtype=np.float32)
+    b = np.empty_like(a)
+    s = rng.random(1 << 20, dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            np.multiply(a, np.float32(1.0001), out=b)
+            b += a
+        np.sort(s)
+        best = min(best, time.perf_counter() - t0)
+    return 1000.0 * best
+
+
 def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     """``ioi reduce`` as a subprocess: wall time, peak RSS of that child, exit code, report."""
     if out_dir.exists():
@@ -141,6 +166,7 @@ def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     cmd = [sys.executable, "-m", "ioi", "reduce", str(sim / "raw"), "--out", str(out_dir),
            "--pi", str(pipeline_ini), "--pa", str(sim / "config" / "paths.ini"), "--force", "--log", "WARNING"]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    probe = machine_probe_ms()
     steal0 = steal_seconds()
     t0 = time.perf_counter()
     log_out, log_err = out_dir.parent / "reduce.stdout", out_dir.parent / "reduce.stderr"
@@ -164,7 +190,7 @@ def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     return {"wall_s": wall, "peak_mb": peak_kb / 1024, "rc": proc.returncode, "report": report,
             "error": error, "products": sorted(str(p) for p in out_dir.glob("*.fits")),
             "cpu_s": usage.ru_utime + usage.ru_stime,
-            "steal_s": None if steal0 is None or steal1 is None else steal1 - steal0}
+            "steal_s": None if steal0 is None or steal1 is None else steal1 - steal0, "probe_ms": probe}
 
 
 def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
@@ -179,6 +205,7 @@ def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
                 break
             runs.append(r)
             steal = "" if r["steal_s"] is None else f", {r['steal_s']:.1f} s CPU steal"
+            steal += f", probe {r['probe_ms']:.0f} ms"
             log(f"  reduce run {i + 1}/{repeat}: {r['wall_s']:.2f} s wall, {r['peak_mb']:.0f} MB peak{steal}")
         if runs:
             break
@@ -199,6 +226,8 @@ def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
         "cpu_s": statistics.median(r["cpu_s"] for r in runs),
         "steal_s": None if any(r["steal_s"] is None for r in runs) else statistics.median(r["steal_s"] for r in runs),
         "steal_all_s": [None if r["steal_s"] is None else round(r["steal_s"], 2) for r in runs],
+        "probe_ms": statistics.median(r["probe_ms"] for r in runs),
+        "probe_all_ms": [round(r["probe_ms"], 1) for r in runs],
         "peak_mb": max(r["peak_mb"] for r in runs),
         "products": runs[-1]["products"],
         "n_warnings": len(runs[-1]["report"].get("warnings", [])),
@@ -304,6 +333,7 @@ def print_table(results: dict, size: int) -> None:
     row("  fastest run", lambda r: min(r["reduce"]["wall_all_s"]))
     row("  cpu (user+sys)", lambda r: r["reduce"]["cpu_s"])
     row("  machine steal", lambda r: r["reduce"]["steal_s"])
+    row("  machine probe ms", lambda r: r["reduce"]["probe_ms"])
     row("I/O floor", lambda r: r["io_floor"]["total_s"])
     row("  read raw", lambda r: r["io_floor"]["read_s"])
     row("  write products", lambda r: r["io_floor"]["write_s"])
