@@ -223,3 +223,23 @@ def test_cli_rerun_reports_skipped_and_force(tree, tmp_path, capsys):
     assert capsys.readouterr().out.count(": skipped") == 2
     assert _reduce(tree, data, out, "--multruns", "1", "--force") == 0
     assert capsys.readouterr().out.count(": done") == 2
+
+
+def test_side_processes_give_byte_identical_products(tree, serial, tmp_path, monkeypatch):
+    """sep's calls in side processes (forced on for these small frames): the same bytes."""
+    from ioi import pipeline
+
+    monkeypatch.setattr(pipeline, "_SIDE_PROCESS_MIN_PIXELS", 0)
+    started = []
+    real = pipeline.SideProcesses.start
+
+    def start(self):
+        started.append(self)
+        return real(self)
+
+    monkeypatch.setattr(pipeline.SideProcesses, "start", start)
+    out = tmp_path / "side"
+    assert _reduce(tree, tree["data"], out) == 0
+    assert started and all(s._children for s in started)  # they did run
+    assert not any(s._broken for s in started)
+    assert _fits_bytes(out) == _fits_bytes(serial[1])

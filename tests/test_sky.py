@@ -258,7 +258,9 @@ def test_source_mask_survives_a_pixel_stack_overflow(monkeypatch):
     want = S._detect_source_mask(img, sigma=3.0, dilate=2, sources=True)
     import sep
 
-    monkeypatch.setattr(S, "_PIXSTACK_FIRST", 50)  # far fewer than the object's pixels
+    from ioi.stages import _sep
+
+    monkeypatch.setattr(_sep, "_PIXSTACK_FIRST", 50)  # far fewer than the object's pixels
     before = sep.get_extract_pixstack()
     sep.set_extract_pixstack(50)
     try:

@@ -26,6 +26,7 @@ from astropy.io import fits
 
 from ioi import fitsio, sexconfig
 from ioi._memory import Scratch, release_free_heap
+from ioi._sideproc import SideProcesses, direct_call
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.discovery import LT, DitherSequence, Multrun
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 
 BORDER = 4
 _THREADS = 2  # dithers processed, or frames written and resampled, at once
+#: Frames of at least this many pixels have sep's calls run in side processes
+#: (ioi._sideproc: sep holds the GIL).  Measured on the 9-dither 2048x2048 bench
+#: multrun, 2 cores, eight alternate pairs: wall 9.03 -> 8.61 s (median), for
+#: 0.6-1.4 s more CPU (the processes' start-up and the copies to them), which
+#: smaller frames would not repay.
+_SIDE_PROCESS_MIN_PIXELS = 2_000_000
 DEFAULT_GAIN = GAIN_BY_ASICGAIN[10]
 
 
@@ -323,8 +330,13 @@ def _hard(settings, frame: Frame, run: _Run, out_dir: Path, name: str) -> None:
 
 def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_dir, *,
                    flip: bool = False, calibration: Calibration | None = None,
-                   progress=None) -> ReductionResult:
+                   progress=None, side_processes: bool = True) -> ReductionResult:
     """Reduce one multrun from raw reads to L1 (and, for dithered LT data, L2) products.
+
+    ``side_processes``: for full-size frames, run sep's calls (source masks,
+    registration) in up to two child processes (:mod:`ioi._sideproc`), since sep
+    holds the GIL; the products are the same either way.  Off where other
+    processes already share the cores (``--workers``, a Dask cluster).
 
     Non-fatal problems (codes 18, 30, 34) are logged and listed in the result;
     fatal ones raise :class:`~ioi.errors.IoiError`.
@@ -364,7 +376,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
         # only the file names of the calibration are needed from here: drop the arrays
         cal = dataclasses.replace(cal, flat=None, masks={}, lin_coeffs=None)
         release_free_heap()  # the ramps' temporaries, freed: not held through the next phases
-        _finish(multrun, frames, pipe, cal, run, out_dir, detection)
+        _finish(multrun, frames, pipe, cal, run, out_dir, detection, side_processes)
     except _Quit as q:
         result.stopped_after = q.stage
         log.info("stopping after %s (quit = 1)", q.stage)
@@ -373,7 +385,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
 
 
 def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path,
-            detection: dict):
+            detection: dict, side_processes: bool = True):
     """Sky subtraction, registration, stacking and the products, one frame at a time
     where the order allows.  ``frames`` (the unsubtracted frames) is emptied.
 
@@ -386,25 +398,41 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     stack succeeded) and resample them into a running stack, releasing each
     frame; sums are added in frame order, so the result does not depend on the
     threads.  A sigma-clipped stack needs every resampled frame at once and
-    keeps them.
+    keeps them.  For full-size frames sep's calls (source masks, registration)
+    run in side processes, as sep holds the GIL.
     """
-    from ioi.stages import register, sky, stack
-
     dithered = multrun.convention == LT and len(frames) > 1
-    n = len(frames)
-    model = None
     sp = pipe.sky_subtraction
     # The sky's first pass finds each frame's sources; registration centroids start
     # from them instead of running sep's extraction again (not with a user's own
     # detection settings, use_sexconfig, which then apply as they are).
     reuse_sources = pipe.registration.do and not pipe.registration.use_sexconfig
+    side = None
+    if side_processes and dithered and (sp.do and sp.mask_sources or pipe.registration.do) \
+            and frames[0].science.size >= _SIDE_PROCESS_MIN_PIXELS:
+        side = SideProcesses(workers=min(_THREADS, os.cpu_count() or 1), preload=("ioi.stages._sep",)).start()
+    try:
+        _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered, reuse_sources,
+                       side.call if side is not None else direct_call)
+    finally:
+        if side is not None:
+            side.close()
+
+
+def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered, reuse_sources, offload):
+    """:func:`_finish` from the sky on; ``offload`` runs sep's calls (see :mod:`ioi._sideproc`)."""
+    from ioi.stages import register, sky, stack
+
+    n = len(frames)
+    model = None
+    sp = pipe.sky_subtraction
     if dithered and sp.do:
         with run.stage("sky"):
             model = sky.model_skies(
                 frames, peers_only=sp.peers_only, algorithm=sp.make_algorithm, bg_sigma_clip=sp.bg_sigma_clip,
                 smoothing_box_size=sp.smoothing_box_size, max_iterations=sp.max_robust_iterations,
                 max_unsolved_percentage=sp.max_robust_unsolved_percentage, mask_sources=sp.mask_sources,
-                keep_sources=reuse_sources)
+                keep_sources=reuse_sources, offload=offload)
             model.subtract_in_place()
         release_free_heap()
         log.info("%s: sky subtracted (%s, peers_only=%d, two-pass=%d)", multrun.name, sp.make_algorithm,
@@ -424,7 +452,8 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
             regions.append(register.parse_bad_region(rp.bad_region2))
         regions = [r for r in regions if r is not None]
         finder = register.TransformFinder(geometry=rp.fit_geometry, algorithm=rp.registration_algorithm,
-                                          bad_regions=tuple(regions), sky_subtracted=sky_done, **detection)
+                                          bad_regions=tuple(regions), sky_subtracted=sky_done, offload=offload,
+                                          **detection)
     stack_wanted = dithered and pipe.stacking.do and rp.do and not rp.quit and not (sky_done and sp.quit)
     clip = pipe.stacking.clip_sigma or None
     accumulator = stack.StackAccumulator(pipe.stacking.method) if stack_wanted and finder and clip is None else None

@@ -142,8 +142,9 @@ def is_done(multrun: Multrun, out_dir: Path, digest: str, calibration_files=()) 
 # ----------------------------------------------------------------------------- one multrun
 
 def reduce_one(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_dir, *, flip=False,
-               force=False) -> MultrunOutcome:
-    """Reduce one multrun, turning any failure into an outcome instead of an exception."""
+               force=False, side_processes: bool = True) -> MultrunOutcome:
+    """Reduce one multrun, turning any failure into an outcome instead of an exception
+    (``side_processes``: see :func:`ioi.pipeline.reduce_multrun`)."""
     from ioi.pipeline import reduce_multrun
 
     out_dir = Path(out_dir)
@@ -156,7 +157,7 @@ def reduce_one(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_d
     manifest_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
-        result = reduce_multrun(multrun, pipe, paths, out_dir, flip=flip)
+        result = reduce_multrun(multrun, pipe, paths, out_dir, flip=flip, side_processes=side_processes)
     except IoiError as exc:
         log.error("%s: %s", multrun.name, exc)
         return MultrunOutcome(multrun.name, "failed", error=str(exc), exit_code=int(exc.exit_code),
@@ -179,13 +180,15 @@ def reduce_one(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_d
 
 def _reduce_in_worker(multrun, pipe, paths, out_dir, flip, force, log_level, logfile=None):
     # Runs in a separate process: give it its own logging, to the console and (appending) to res.log.
+    # No side processes for sep: the workers already keep the cores busy, and the side
+    # processes' start-up and copies would only add CPU time.
     from ioi._memory import return_freed_memory_to_os
     from ioi.logs import close_logging, setup_logging
 
     return_freed_memory_to_os()
     setup_logging(log_level, logfile=logfile)
     try:
-        return reduce_one(multrun, pipe, paths, out_dir, flip=flip, force=force)
+        return reduce_one(multrun, pipe, paths, out_dir, flip=flip, force=force, side_processes=False)
     finally:
         close_logging()
 

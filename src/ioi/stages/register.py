@@ -35,6 +35,7 @@ from scipy.spatial import cKDTree
 
 from ioi._memory import Scratch
 from ioi._parallel import thread_map
+from ioi._sideproc import direct_call
 from ioi.errors import ConfigError, ExitCode, IoiError, StageError
 from ioi.frame import DQ, Frame, flagged
 from ioi.stages.sky import box_means_at, fill_nan_box_mean
@@ -131,32 +132,8 @@ def _regions(bad_regions):
     return out
 
 
-def _subtract_background(data, bad, sky_subtracted: bool) -> float:
-    """Subtract sep's mesh background from ``data`` (float32, in place); return the global rms.
-
-    ``sky_subtracted``: only a small, slowly varying residual is left, so the
-    background (64 px meshes, as on the full frame) is estimated on every other
-    pixel in each axis -- 4x less work for sep -- and each subsampled value is
-    subtracted from its 2x2 block.  The per-pixel rms is that of the full frame.
-    """
-    import sep  # deferred import
-
-    if not sky_subtracted:
-        bkg = sep.Background(data, mask=bad)
-        data -= bkg.back()
-        return float(bkg.globalrms)
-    bkg = sep.Background(np.ascontiguousarray(data[::2, ::2]), mask=np.ascontiguousarray(bad[::2, ::2]),
-                         bw=32, bh=32)
-    back = bkg.back()
-    for oy in (0, 1):
-        for ox in (0, 1):
-            view = data[oy::2, ox::2]
-            view -= back[:view.shape[0], :view.shape[1]]
-    return float(bkg.globalrms)
-
-
 def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, minarea: int = 5,
-                   sky_subtracted: bool = False, guesses=None, scratch=None):
+                   sky_subtracted: bool = False, guesses=None, scratch=None, offload=direct_call):
     """Detect sources with sep and measure windowed centroids.
 
     Parameters
@@ -182,12 +159,16 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     scratch : ioi._memory.Scratch, optional
         Work arrays reused from call to call (the copy of the image, its bad
         pixels) instead of new ones.
+    offload : callable, optional
+        How the sep calls are run: ``offload(fn, *args, **kwargs)``
+        (``ioi._sideproc.SideProcesses.call`` runs them in another process,
+        which frees this one's threads: sep holds the GIL).  Default: here.
 
     Returns
     -------
     ndarray, structured, fields ``x``, ``y``, ``flux`` (float64), brightest first.
     """
-    import sep  # deferred import
+    from ioi.stages import _sep  # deferred import (sep)
 
     image = np.asarray(image)
     if scratch is None:
@@ -203,40 +184,11 @@ def detect_sources(image, *, bad_regions=(), mask=None, thresh: float = 5.0, min
     for ys, xs in _regions(bad_regions):
         bad[ys, xs] = True
     np.copyto(data, np.float32(0.0), where=bad)
-    dtype = [("x", "f8"), ("y", "f8"), ("flux", "f8"), ("pos_err", "f8")]
     if bad.all():
-        return np.zeros(0, dtype=dtype)
-    rms = _subtract_background(data, bad, sky_subtracted)
-    sub = data
-    np.copyto(sub, np.float32(0.0), where=bad)
-    if guesses is not None:
-        objs = _usable_guesses(guesses, bad)
-        if len(objs):  # the flux within the radius flux_radius normalises to (total, not isophotal)
-            objs["flux"], _, _ = sep.sum_circle(sub, objs["x"], objs["y"], 6.0 * objs["a"], mask=bad, subpix=3)
-    else:
-        objs = sep.extract(sub, thresh, err=rms, mask=bad, minarea=minarea)
-    if len(objs) == 0:
-        return np.zeros(0, dtype=dtype)
-    # subpix 3 (not 5): half the cost, half-light radii within 0.5 % -- it only sizes the window
-    r_half, _ = sep.flux_radius(sub, objs["x"], objs["y"], 6.0 * objs["a"], 0.5,
-                                normflux=objs["flux"], subpix=3)
-    sig = 2.0 * np.clip(r_half, 0.5, None) / 2.3548
-    # subpix=0: exact pixel/aperture overlap, twice as fast as the default 11 and closer to exact
-    x, y, flag = sep.winpos(sub, objs["x"], objs["y"], sig, mask=bad, subpix=0)
-    # A masked pixel in the window is fine (the mask excludes it); a window
-    # cut by the image edge, all masked, or non-positive is not.
-    fatal = sep.APER_TRUNC | sep.APER_ALLMASKED | sep.APER_NONPOSITIVE
-    ok = ((flag & fatal) == 0) & np.isfinite(x) & np.isfinite(y) & (objs["flux"] > 0)
-    ok &= (np.abs(x - objs["x"]) < 2.0) & (np.abs(y - objs["y"]) < 2.0)
-    out = np.zeros(int(ok.sum()), dtype=dtype)
-    out["x"], out["y"], out["flux"] = x[ok], y[ok], objs["flux"][ok]
-    # Centroid error per axis for a background-limited source: the PSF sigma over
-    # the S/N within an effective area 4 pi sigma^2, with a small floor.
-    snr = objs["flux"][ok] / (rms * np.sqrt(4.0 * np.pi) * sig[ok])
-    out["pos_err"] = np.hypot(sig[ok] / np.maximum(snr, 1e-3), _POSITION_ERROR_FLOOR)
-    if guesses is not None:
-        out = out[snr >= thresh]
-    return out[np.argsort(-out["flux"], kind="stable")]
+        return np.zeros(0, dtype=_sep.MEASURED_DTYPE)
+    objs = _usable_guesses(guesses, bad) if guesses is not None else None
+    return offload(_sep.measure, data, bad, thresh=thresh, minarea=minarea, sky_subtracted=sky_subtracted,
+                   guesses=objs)
 
 
 _MAX_GUESSES = 200  # brightest starting positions kept: matching uses 50; measured on a simulated
@@ -259,9 +211,6 @@ def _usable_guesses(guesses, bad) -> np.ndarray:
         objs[name] = g[name][keep]
     objs["a"] = np.clip(objs["a"], 0.5, None)
     return objs
-
-
-_POSITION_ERROR_FLOOR = 0.01  # px: centroiding systematics beyond the noise
 
 
 def _as_xy(src) -> np.ndarray:
@@ -820,12 +769,14 @@ class TransformFinder:
     (the first is the reference) and get each frame's transform at once, so that
     a caller can resample a frame while the next one is being measured.
 
-    Parameters as for :func:`find_transforms`.  :meth:`add` raises
-    :class:`RegistrationError` (exit 18) for a frame that cannot be registered.
+    Parameters as for :func:`find_transforms`; ``offload``: how sep's calls run (see
+    :func:`detect_sources`).  :meth:`add` raises :class:`RegistrationError`
+    (exit 18) for a frame that cannot be registered.
     """
 
     def __init__(self, *, geometry: str = "SHIFT", algorithm: str = "SCIPY", bad_regions=(),
-                 min_matches: int = 4, thresh: float = 5.0, minarea: int = 5, sky_subtracted: bool = False):
+                 min_matches: int = 4, thresh: float = 5.0, minarea: int = 5, sky_subtracted: bool = False,
+                 offload=direct_call):
         alg = str(algorithm).strip().upper()
         if alg == "IRAF":
             raise IoiError("registration_algorithm = IRAF: IRAF registration is not available; use SCIPY",
@@ -838,6 +789,7 @@ class TransformFinder:
         self.regions = _regions(bad_regions)
         self.min_matches = min_matches
         self.detection = dict(thresh=thresh, minarea=minarea, sky_subtracted=sky_subtracted)
+        self.offload = offload
         self.count = 0
         self.shape = None
         self._ref_src = self._ref_xy = None
@@ -847,7 +799,7 @@ class TransformFinder:
         """The frame's sources (:func:`detect_sources`, its DO_NOT_USE pixels masked)."""
         m = flagged(frame.quality, DQ.DO_NOT_USE, out=self._scratch.get("mask", frame.shape, bool))
         return detect_sources(frame.science, bad_regions=self.regions, mask=m, guesses=guesses,
-                              scratch=self._scratch, **self.detection)
+                              scratch=self._scratch, offload=self.offload, **self.detection)
 
     def add(self, frame, guesses=None) -> Transform:
         """The transform of ``frame`` relative to the first frame added (``guesses``:

@@ -25,11 +25,9 @@ of the level-normalised stack instead of ``n`` separate medians.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import threading
 import warnings
 
 import bottleneck as bn
@@ -37,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from ioi._parallel import thread_map
+from ioi._sideproc import direct_call
 from ioi.errors import ExitCode, IoiError, StageError, StageWarning
 from ioi.frame import DQ, flagged
 
@@ -842,57 +841,8 @@ def _bin_plane(plane: np.ndarray, b: int, exclude=None) -> np.ndarray:
     return out
 
 
-_SOURCE_DTYPE = [("x", "f8"), ("y", "f8"), ("a", "f8"), ("flux", "f8")]
-_PIXSTACK_LOCK = threading.Lock()
-_PIXSTACK_USERS = [0, None]  # threads inside _sep_pixstack, the value to restore
-
-
-@contextlib.contextmanager
-def _sep_pixstack(size: int):
-    """sep's pixel stack (a process-wide setting) at least ``size`` while any thread is
-    inside; the first thread in raises it, the last one out restores it."""
-    import sep
-
-    with _PIXSTACK_LOCK:
-        if _PIXSTACK_USERS[0] == 0:
-            _PIXSTACK_USERS[1] = sep.get_extract_pixstack()
-        _PIXSTACK_USERS[0] += 1
-        if sep.get_extract_pixstack() < size:
-            sep.set_extract_pixstack(size)
-    try:
-        yield
-    finally:
-        with _PIXSTACK_LOCK:
-            _PIXSTACK_USERS[0] -= 1
-            if _PIXSTACK_USERS[0] == 0:
-                sep.set_extract_pixstack(_PIXSTACK_USERS[1])
-
-
-_PIXSTACK_FIRST = 300_000  # sep's own default pixel stack
-
-
-def _extract(data, thresh, **kw):
-    """``sep.extract`` with sep's default pixel stack, and only if that overflows (a frame
-    with a huge object, or a bad sky) again with one as large as the image.
-
-    sep allocates and fills the whole stack on every call: one of a binned
-    frame's size (1M pixels) costs 15 ms and 42 MB of fresh memory more than
-    the default, which a normal frame never outgrows."""
-    import sep
-
-    try:
-        with _sep_pixstack(min(data.size, _PIXSTACK_FIRST)):
-            return sep.extract(data, thresh, **kw)
-    except Exception as exc:  # sep raises a bare Exception
-        if "pixel buffer full" not in str(exc):
-            raise
-    log.debug("sep pixel stack of %d pixels overflowed: extracting again with %d", _PIXSTACK_FIRST, data.size)
-    with _sep_pixstack(data.size):
-        return sep.extract(data, thresh, **kw)
-
-
 def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning: int = 1,
-                        shape=None, sources: bool = False):
+                        shape=None, sources: bool = False, offload=direct_call):
     """Pixels of sources found by sep at ``sigma`` x background rms, dilated by ``dilate`` px.
 
     ``image`` may be a ``binning`` x ``binning`` block-averaged frame: the
@@ -901,8 +851,10 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     expanded back to the full-resolution ``shape``.  NaN pixels are ignored.
     ``sources=True``: also return the sources (deblended), a structured array
     ``x``, ``y``, ``a`` (full-resolution pixels) and ``flux``, brightest first.
+    ``offload``: how the sep calls are run (``ioi._sideproc.SideProcesses.call``:
+    in another process; default here).
     """
-    import sep  # deferred: only the two-pass mode needs it
+    from ioi.stages import _sep  # deferred: only the two-pass mode needs sep
 
     b = max(1, int(binning))
     data = np.ascontiguousarray(image, dtype=np.float32).copy()
@@ -911,17 +863,14 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     full_shape = tuple(shape) if shape is not None else data.shape
     if bad.all():
         empty = np.zeros(full_shape, dtype=bool)
-        return (empty, np.zeros(0, dtype=_SOURCE_DTYPE)) if sources else empty
-    bkg = sep.Background(data, mask=bad)
-    sub = data - bkg.back()
-    sub[bad] = 0.0
+        return (empty, np.zeros(0, dtype=_sep.SOURCE_DTYPE)) if sources else empty
     # the binned rms is ~1/b of a pixel's: a threshold of b x sigma keeps the
     # surface-brightness limit of a full-resolution detection at ``sigma``
     # a mask needs no deblending (3x faster with one threshold level); a source
     # list for the registration does
-    objs, seg = _extract(sub, sigma * b, err=bkg.globalrms, mask=bad, minarea=max(2, 5 // (b * b)),
-                         segmentation_map=True, deblend_nthresh=32 if sources else 1)
-    mask = seg > 0
+    objs, mask = offload(_sep.segment, data, bad, thresh=sigma * b, minarea=max(2, 5 // (b * b)),
+                         deblend=sources)
+    del data, bad
     grow = int(dilate) // b  # dilation in binned pixels (the blocks add up to b - 1 more)
     if grow > 0:
         # A square maximum filter is separable, hence much faster than
@@ -932,7 +881,7 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     mask = np.ascontiguousarray(mask)
     if not sources:
         return mask
-    found = np.zeros(len(objs), dtype=_SOURCE_DTYPE)
+    found = np.zeros(len(objs), dtype=_sep.SOURCE_DTYPE)
     # block (j, i) covers full-resolution pixels b*j .. b*j + b - 1: centre b*j + (b - 1)/2
     found["x"] = objs["x"] * b + (b - 1) / 2.0
     found["y"] = objs["y"] * b + (b - 1) / 2.0
@@ -1094,13 +1043,14 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
                 bg_sigma_clip: float = 3.0, smoothing_box_size: int = 5,
                 max_iterations: int = 50, max_unsolved_percentage: float = 1.0,
                 mask_sources: bool = True, source_sigma: float = 3.0, mask_dilate: int = 5,
-                fill_passes: int | None = 1, keep_sources: bool = False) -> SkyModel:
+                fill_passes: int | None = 1, keep_sources: bool = False, offload=direct_call) -> SkyModel:
     """Build a sky for every dither frame from the frames themselves (see :func:`subtract_sky`
     for the parameters) without subtracting it: a :class:`SkyModel`.
 
     ``keep_sources``: with ``mask_sources``, keep each frame's first-pass source
     list (``SkyModel.sources``: positions to start centroids from, see
-    :func:`ioi.stages.register.detect_sources`).
+    :func:`ioi.stages.register.detect_sources`).  ``offload``: how sep's calls run
+    (``ioi._sideproc.SideProcesses.call``: in other processes; default here).
 
     Memory: the frames are read by rows; besides them the model holds one sky
     per frame, the source masks and two planes for the sky variances, never a
@@ -1133,13 +1083,13 @@ def model_skies(frames, *, peers_only: bool = True, algorithm: str = "MEDIAN",
         # sources to mask, which are several pixels wide (4x fewer pixels to
         # combine and to segment).
         b = _FIRST_PASS_BINNING
-        # per frame on threads: numpy (and sep's setup, not its extraction) release the GIL
+        # per frame on threads: numpy releases the GIL (sep does not: see offload)
         small = thread_map(lambda k: _bin_plane(frames[k].science, b, exclude=dnu[k]), range(n))
         first, _, _, _, _ = _sky_pass(_Planes(small), None, with_variance=False, **kw)
 
         def detect(i):
             found = _detect_source_mask(small[i] - first[i], sigma=source_sigma, dilate=mask_dilate,
-                                        binning=b, shape=shape, sources=keep_sources)
+                                        binning=b, shape=shape, sources=keep_sources, offload=offload)
             small[i] = None
             return found
 
