@@ -91,3 +91,36 @@ def test_missing_pipeline_ini_named(tmp_path, capsys):
     rc = run_pipe_main(["--p", str(data), "--wd", str(tmp_path / "wd"), "--pi", str(tmp_path / "nope.ini")])
     assert rc == 8
     assert "nope.ini" in capsys.readouterr().err
+
+
+def _run_python(code: str):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_fast_exit_keeps_status_output_and_exit_handlers():
+    r = _run_python("import atexit, sys\n"
+                    "from ioi.cli import exit_without_teardown\n"
+                    "atexit.register(lambda: print('handler ran'))\n"
+                    "print('buffered line', end='')\n"
+                    "sys.stderr.write('to stderr')\n"
+                    "exit_without_teardown(7)\n"
+                    "print('not reached')\n")
+    assert r.returncode == 7
+    assert r.stdout == "buffered linehandler ran\n"
+    assert r.stderr == "to stderr"
+
+
+def test_fast_exit_waits_for_a_live_non_daemon_thread(tmp_path):
+    flag = tmp_path / "joined"
+    r = _run_python("import threading, time\n"
+                    "from ioi.cli import exit_without_teardown\n"
+                    f"def late():\n    time.sleep(0.3)\n    open({str(flag)!r}, 'w').write('x')\n"
+                    "threading.Thread(target=late).start()\n"
+                    "exit_without_teardown(4)\n")
+    assert r.returncode == 4
+    assert flag.exists()  # the thread was joined, not killed
+
+
+def test_console_entry_turns_usage_errors_into_exit_2():
+    r = run_cli("reduce")
+    assert r.returncode == 2 and "required" in r.stderr

@@ -1,5 +1,3 @@
-import sys
+from ioi.cli import console_main
 
-from ioi.cli import main
-
-sys.exit(main())
+console_main()

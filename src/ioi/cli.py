@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 from ioi.errors import ExitCode, IoiError
@@ -291,5 +293,55 @@ def run_pipe_main(argv=None) -> int:
     return _run(_cmd_run_pipe, args)
 
 
+# ----------------------------------------------------------------------------- console scripts
+
+def exit_without_teardown(code: int):
+    """End the process with ``code``, skipping the interpreter's teardown of its modules.
+
+    Finalising what a reduction imports (astropy, scipy, numpy, sep) takes
+    0.2-0.3 s of one core after the work is done (measured: 0.13-0.17 s for
+    astropy.io.fits alone), paid by every nightly run.  Nothing of ours needs
+    it: by then every product is written and renamed, logging is closed, thread
+    pools and side processes are shut down.  The exit functions that libraries
+    registered (:mod:`atexit`) still run and the standard streams are flushed.
+    Where another non-daemon thread is still alive the interpreter exits
+    normally, so that it is joined as usual.
+    """
+    import atexit
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others:
+        sys.exit(code)
+    logging.shutdown()
+    atexit._run_exitfuncs()  # (what the normal exit runs; os._exit below would skip them)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            pass
+    os._exit(code)
+
+
+def console_main():
+    """The ``ioi`` command (and ``python -m ioi``)."""
+    exit_without_teardown(_exit_status(main))
+
+
+def console_run_pipe():
+    """The ``run_pipe`` command."""
+    exit_without_teardown(_exit_status(run_pipe_main))
+
+
+def _exit_status(func) -> int:
+    try:
+        return int(func() or 0)
+    except SystemExit as exc:  # argparse's --help and usage errors
+        code = exc.code
+        if code is None or isinstance(code, int):
+            return int(code or 0)
+        print(code, file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
