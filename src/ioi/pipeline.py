@@ -329,9 +329,9 @@ def _hard(settings, frame: Frame, run: _Run, out_dir: Path, name: str) -> None:
 # ----------------------------------------------------------------------------- one multrun
 
 #: The stages' modules, in the order the pipeline needs them.  Importing them takes
-#: about 0.6 s of one core (scipy.ndimage for the reference pixels, scipy.spatial
-#: for registration), which would otherwise sit on the critical path at the start
-#: of the ramps and again between the ramps and the sky.
+#: about 0.6 s of one core (scipy.ndimage for the sky, scipy.spatial for
+#: registration), which would otherwise sit on the critical path between the
+#: ramps and the sky; the ramps' own modules need only numpy and astropy.
 _STAGE_MODULES = ("ioi.stages.reference", "ioi.stages.calibrate", "ioi.stages.combine", "ioi.stages.sky",
                   "ioi.stages.register", "ioi.stages.stack")
 
