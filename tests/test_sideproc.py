@@ -95,3 +95,22 @@ def test_closed_side_processes_run_calls_here():
     side.close()
     assert side.call(np.multiply, 4, 5) == 20
     assert direct_call(np.subtract, 9, 4) == 5
+
+
+def test_an_interrupted_exchange_retires_that_child(monkeypatch):
+    from ioi import _sideproc
+
+    with SideProcesses(1).start() as side:
+        first = side._children[0]
+        real = _sideproc._Child.call
+
+        def interrupted(self, fn, args, kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_sideproc._Child, "call", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            side.call(np.add, 1, 2)
+        monkeypatch.setattr(_sideproc._Child, "call", real)
+        assert first not in side._children and first.proc.wait(timeout=10) is not None
+        assert side.call(np.add, 1, 2) == 3  # a fresh child serves the next call
+        assert not side._broken

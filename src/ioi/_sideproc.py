@@ -249,6 +249,13 @@ class SideProcesses:
             lost = True
             with self._cond:
                 self._give_up(f"a side process ended ({exc})")
+        except BaseException as exc:
+            # an interrupt in the middle of an exchange: the child's reply may still
+            # come, so it cannot serve again (an error raised in the child can)
+            if not isinstance(exc, Exception):
+                lost = True
+                child.proc.kill()
+            raise
         finally:
             self._release(child, lost)
         return fn(*args, **kwargs)
