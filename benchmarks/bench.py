@@ -159,6 +159,50 @@ def machine_probe_ms() -> float:
     return 1000.0 * best
 
 
+def _tree_pss_kb(pid: int):
+    """Proportional set size (kB) of process ``pid`` and its children, or None (not Linux).
+
+    PSS counts a page shared by n processes as 1/n in each, so the sum over the tree
+    counts the memory that the pipeline and its side processes share (the file that
+    carries frames to them) once."""
+    total = 0
+    try:
+        pids = [pid] + [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                        for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        return None
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue  # a child that has just ended
+    return total
+
+
+def tree_peak_mb(sim: Path, out_dir: Path, *, pipeline_ini: Path, every_s: float = 0.05):
+    """Peak PSS (MB) of ``ioi reduce`` with every process it starts (sep's side processes),
+    sampled every ``every_s`` in an untimed run: ``ru_maxrss`` is one process's peak.
+
+    Reading smaps_rollup walks the page tables (a few ms for 1 GB), which is why this
+    is a separate run and not part of the timed ones."""
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        return None
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    cmd = [sys.executable, "-m", "ioi", "reduce", str(sim / "raw"), "--out", str(out_dir),
+           "--pi", str(pipeline_ini), "--pa", str(sim / "config" / "paths.ini"), "--force", "--log", "WARNING"]
+    peak = 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    while proc.poll() is None:
+        kb = _tree_pss_kb(proc.pid)
+        if kb:
+            peak = max(peak, kb)
+        time.sleep(every_s)
+    return peak / 1024 if proc.returncode == 0 and peak else None
+
+
 def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     """``ioi reduce`` as a subprocess: wall time, peak RSS of that child, exit code, report."""
     if out_dir.exists():
@@ -213,6 +257,9 @@ def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
         failure = {"stages_off": list(off), "error": r["error"], "rc": r["rc"]}
     else:
         return {"failed": True, "error": failure["error"]}
+    tree_mb = tree_peak_mb(sim, work / "reduce", pipeline_ini=ini)
+    if tree_mb is not None:
+        log(f"  memory run: {tree_mb:.0f} MB peak PSS of all its processes")
     stage_names = sorted({k for r in runs for k in r["report"]["stage_seconds"]},
                          key=lambda k: (STAGES.index(k) if k in STAGES else len(STAGES), k))
     stages = {k: statistics.median(r["report"]["stage_seconds"].get(k, 0.0) for r in runs) for k in stage_names}
@@ -229,6 +276,7 @@ def reduce_with_fallback(sim: Path, work: Path, *, repeat: int) -> dict:
         "probe_ms": statistics.median(r["probe_ms"] for r in runs),
         "probe_all_ms": [round(r["probe_ms"], 1) for r in runs],
         "peak_mb": max(r["peak_mb"] for r in runs),
+        "peak_tree_pss_mb": tree_mb,
         "products": runs[-1]["products"],
         "n_warnings": len(runs[-1]["report"].get("warnings", [])),
     }
@@ -339,6 +387,7 @@ def print_table(results: dict, size: int) -> None:
     row("  write products", lambda r: r["io_floor"]["write_s"])
     row("wall / floor", lambda r: r["reduce"]["wall_s"] / r["io_floor"]["total_s"])
     row("peak RSS MB", lambda r: r["reduce"]["peak_mb"])
+    row("  all processes PSS", lambda r: r["reduce"].get("peak_tree_pss_mb"))
     row("data in MB", lambda r: r["io_floor"]["mb_in"])
     row("stages off", lambda r: ",".join(s.split("_")[0] for s in r["reduce"]["stages_off"]) or "none")
     print(f"targets: wall < {TARGETS['wall_s']} s and < {TARGETS['x_io_floor']}x I/O floor; "
