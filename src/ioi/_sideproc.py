@@ -280,6 +280,9 @@ def _serve(preload=()) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and closes our input
+    from ioi._memory import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # as in the parent: a call's work arrays go back to the OS after it
     for name in preload:
         try:
             importlib.import_module(name)
