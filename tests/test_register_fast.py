@@ -81,6 +81,22 @@ def test_separable_shift_matches_ndimage_shift(order, bad_fraction, shape, chunk
             np.testing.assert_allclose(out.variance[use], var[use], rtol=1e-5)
 
 
+@pytest.mark.parametrize("order", [3, 1])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_shift_on_several_threads_is_the_same_to_the_bit(order, threads, monkeypatch):
+    """The last frame of a multrun is resampled on every thread: column blocks of the
+    prefilter and row chunks apart, the same numbers as on one."""
+    monkeypatch.setattr(R, "_CHUNK_ROWS", 7)  # many chunks, the last one short
+    rng = np.random.default_rng(11 + order)
+    frame = _random_frame(rng, (61, 47), 0.05)
+    for dx, dy in SHIFTS:
+        t = R.Transform(matrix=np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]), dx=dx, dy=dy)
+        one = R.resample_frame(frame, t, order=order)
+        many = R.resample_frame(frame, t, order=order, threads=threads)
+        for name in ("science", "variance", "quality"):
+            np.testing.assert_array_equal(getattr(many, name), getattr(one, name), err_msg=f"{name} {dx} {dy}")
+
+
 @pytest.mark.parametrize("pad", [2, 12])
 def test_filled_padded_is_fill_then_edge_pad(pad):
     """The padded copy the separable shift interpolates: the box-mean fill, then edge padding."""

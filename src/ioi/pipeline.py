@@ -507,6 +507,9 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
         except queue.Empty:
             return (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.uint32))
 
+    # the last frame is resampled on every thread: nothing else is left to run beside it
+    last_threads = max(1, min(_THREADS, os.cpu_count() or 1))
+
     def one_frame(i, t, cards):
         """Write frame i's L1 product (pending) and resample it with transform t (None: not registered)."""
         seq = multrun.dithers[i]
@@ -537,7 +540,8 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
             registered = register.registered_frame(target, t, reference=i == 0, geometry=rp.fit_geometry,
                                                    bad_threshold=pipe.bad_pix_masking.bad_post_register_threshold,
                                                    out=None if i == 0 else planes_for_resampling(target.shape),
-                                                   scratch=_thread_scratch())
+                                                   scratch=_thread_scratch(),
+                                                   threads=last_threads if i == n - 1 else 1)
             seconds["resample"] = time.perf_counter() - t0
             if rp.hard:
                 _hard(rp, registered, run, out_dir, f"{multrun.name}_{seq.dither}_registered.fits")

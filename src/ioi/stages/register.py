@@ -514,7 +514,8 @@ def _output_planes(shape, out):
     return planes
 
 
-def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=None, scratch=None):
+def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=None, scratch=None,
+                    threads: int = 1):
     """A pure shift, separably: every output pixel ``(i, j)`` samples the input at
     ``(i + dy, j + dx)``, so each axis is one fixed 1-D kernel applied by slicing.
 
@@ -524,7 +525,9 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     GIL throughout.  Only the overlap (the output rectangle whose centres fall in
     ``[-0.5, n - 0.5]``) is interpolated, along x in row chunks; the bad-pixel
     weight only near bad pixels.  Returns (science, variance, quality): new
-    planes, or ``out``'s.
+    planes, or ``out``'s.  ``threads`` > 1: the column prefilter and the row
+    chunks shared among that many threads (each column and each chunk is
+    computed as with one, so the result is the same to the bit).
     """
     science_in = np.asarray(frame.science, dtype=np.float32)
     quality_in = np.asarray(frame.quality, dtype=np.uint32)
@@ -543,8 +546,13 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     bad = _bad_pixels(science_in, quality_in, out=_work(scratch, "bad", (ny, nx), bool))
     pad = _SPLINE_PAD if order == 3 else _FILL_BOX // 2  # the fill's boxes need a border too
     p = _filled_padded(science_in, bad, pad, scratch)
+    threads = max(1, int(threads))
     if order == 3:
-        ndimage.spline_filter1d(p, 3, axis=0, output=p, mode="nearest")  # in place, line by line
+        # in place, column by column: disjoint column blocks on threads
+        edges = np.linspace(0, p.shape[1], threads + 1).astype(int)
+        thread_map(lambda k: ndimage.spline_filter1d(p[:, edges[k]:edges[k + 1]], 3, axis=0,
+                                                     output=p[:, edges[k]:edges[k + 1]], mode="nearest"),
+                   range(threads), workers=threads)
     fy, wy = _axis_taps(shift[0], order)
     fx, wx = _axis_taps(shift[1], order)
     # variance: linear, bad pixels 0 (their weight is divided out below)
@@ -553,7 +561,8 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     qfx, _ = _axis_taps(shift[1], 0)
     qcols = _clamped(cols.start + qfx, cols.stop + qfx, nx)
     keep_bits = ~np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
-    for a in range(rows.start, rows.stop, _CHUNK_ROWS):
+
+    def chunk(a):
         b = min(a + _CHUNK_ROWS, rows.stop)
         out = slice(a, b)
         t = _apply_taps(p, 0, a + fy + pad, wy, b - a)
@@ -570,6 +579,8 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
         _apply_taps(vt, 1, cols.start + vfx + 1, vwx, nc, out=variance[out, cols])
         q = quality_in[_clamped(a + qfy, b + qfy, ny)]
         np.bitwise_and(q[:, qcols], keep_bits, out=quality[out, cols])
+
+    thread_map(chunk, range(rows.start, rows.stop, _CHUNK_ROWS), workers=threads)
     del p
     idx, weight = _bad_weight_at(bad, rows, cols, shift, scratch)
     del bad
@@ -616,7 +627,7 @@ def _fill_bad(science, bad):
 
 
 def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float = 20.0,
-                   order: int = 3, out=None, scratch=None) -> Frame:
+                   order: int = 3, out=None, scratch=None, threads: int = 1) -> Frame:
     """Resample a frame onto the reference grid (same shape).
 
     Parameters
@@ -637,6 +648,9 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     scratch : ioi._memory.Scratch, optional
         Work arrays to reuse from call to call (one per thread), instead of
         new ones (a pure shift's padded copy and bad-pixel planes).
+    threads : int
+        Threads for one pure shift (e.g. the last frame of a multrun, when
+        nothing else is left to run beside it); same result.
 
     Returns
     -------
@@ -656,7 +670,7 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     mat, off = _pullback(transform)
     shift_only = bool(np.allclose(mat, np.eye(2), rtol=0, atol=1e-12))
     if shift_only and order in (0, 1, 3):
-        science, variance, quality = _resample_shift(frame, off, order, bad_threshold, out, scratch)
+        science, variance, quality = _resample_shift(frame, off, order, bad_threshold, out, scratch, threads)
         return frame.replace(science=science, variance=variance, quality=quality, header=frame.header.copy())
 
     planes = _output_planes((ny, nx), out)
@@ -836,14 +850,16 @@ class TransformFinder:
 
 
 def registered_frame(frame: Frame, transform: Transform, *, reference: bool = False, geometry: str = "SHIFT",
-                     bad_threshold: float = 20.0, order: int = 3, out=None, scratch=None) -> Frame:
+                     bad_threshold: float = 20.0, order: int = 3, out=None, scratch=None,
+                     threads: int = 1) -> Frame:
     """One frame on the reference grid with the registration keywords, as
     :func:`resample_frames` makes it (the reference itself is not resampled;
-    ``out``, ``scratch``: planes to resample into, work arrays, see :func:`resample_frame`)."""
+    ``out``, ``scratch``, ``threads``: planes to resample into, work arrays, threads,
+    see :func:`resample_frame`)."""
     geo = _check_geometry(geometry)
     if not reference:
         frame = resample_frame(frame, transform, bad_threshold=bad_threshold, order=order, out=out,
-                               scratch=scratch)
+                               scratch=scratch, threads=threads)
     return frame.replace(header=_reg_header(frame.header, geo, transform, order, bad_threshold))
 
 
