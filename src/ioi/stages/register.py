@@ -369,6 +369,37 @@ def _pullback(transform: Transform):
 _SPLINE_PAD = 12
 
 
+_CUBIC_POLE = math.sqrt(3.0) - 2.0  # the cubic B-spline prefilter's pole, z = -0.268
+
+
+def _cubic_prefilter_axis0(p: np.ndarray) -> None:
+    """The cubic B-spline prefilter along axis 0 of ``p`` (float32, C-contiguous), in place,
+    without its gain of 6 (the caller folds it into the taps).
+
+    The causal and anticausal recursions ``c[i] += z c[i - 1]`` and ``c[i] = z (c[i + 1]
+    - c[i])`` run over whole rows, so each step is one ufunc call across every column.
+    Written by hand because ``ndimage.spline_filter1d(axis=0)`` filters column by
+    column through float64 line buffers: 61 ms on a 2072x2096 frame against 15 ms
+    here.  The ends are initialised as if the first and last rows went on for ever
+    (``mode="nearest"``); the frame is edge-padded by :data:`_SPLINE_PAD` rows first,
+    which damps any difference at the ends by ``|z|^12 = 1e-7`` before the rows the
+    interpolation reads.  float32 recursion: a relative error of a few 1e-7.
+    """
+    z = np.float32(_CUBIC_POLE)
+    n = p.shape[0]
+    if n < 2:
+        return
+    tmp = np.empty(p.shape[1], dtype=np.float32)
+    p[0] *= np.float32(1.0 / (1.0 - _CUBIC_POLE))  # sum of z^k over a constant row
+    for i in range(1, n):
+        np.multiply(p[i - 1], z, out=tmp)
+        p[i] += tmp
+    p[n - 1] *= np.float32(_CUBIC_POLE / (_CUBIC_POLE - 1.0))  # the anticausal steady state
+    for i in range(n - 2, -1, -1):
+        np.subtract(p[i + 1], p[i], out=tmp)
+        np.multiply(tmp, z, out=p[i])
+
+
 def _axis_taps(d: float, order: int):
     """Interpolation along one axis at input coordinate ``i + d`` for output index ``i``.
 
@@ -522,12 +553,13 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     Same values as ``ndimage.shift(-shift, order, mode="nearest")`` of each plane
     (order 3: the cubic prefilter of the edge-padded frame, as ndimage pads it)
     up to float32 rounding, several times faster; numpy and ndimage release the
-    GIL throughout.  Only the overlap (the output rectangle whose centres fall in
+    GIL for nearly all of it (the prefilter along y is a loop of row-wide ufunc
+    calls, :func:`_cubic_prefilter_axis0`).  Only the overlap (the output rectangle whose centres fall in
     ``[-0.5, n - 0.5]``) is interpolated, along x in row chunks; the bad-pixel
     weight only near bad pixels.  Returns (science, variance, quality): new
-    planes, or ``out``'s.  ``threads`` > 1: the column prefilter and the row
-    chunks shared among that many threads (each column and each chunk is
-    computed as with one, so the result is the same to the bit).
+    planes, or ``out``'s.  ``threads`` > 1: the row chunks shared among that
+    many threads (each chunk is computed as with one, so the result is the same
+    to the bit).
     """
     science_in = np.asarray(frame.science, dtype=np.float32)
     quality_in = np.asarray(frame.quality, dtype=np.uint32)
@@ -547,13 +579,10 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     pad = _SPLINE_PAD if order == 3 else _FILL_BOX // 2  # the fill's boxes need a border too
     p = _filled_padded(science_in, bad, pad, scratch)
     threads = max(1, int(threads))
-    if order == 3:
-        # in place, column by column: disjoint column blocks on threads
-        edges = np.linspace(0, p.shape[1], threads + 1).astype(int)
-        thread_map(lambda k: ndimage.spline_filter1d(p[:, edges[k]:edges[k + 1]], 3, axis=0,
-                                                     output=p[:, edges[k]:edges[k + 1]], mode="nearest"),
-                   range(threads), workers=threads)
     fy, wy = _axis_taps(shift[0], order)
+    if order == 3:
+        _cubic_prefilter_axis0(p)  # in place, one row at a time (each step across every column)
+        wy = tuple(6.0 * w for w in wy)  # the prefilter's gain
     fx, wx = _axis_taps(shift[1], order)
     # variance: linear, bad pixels 0 (their weight is divided out below)
     (vfy, vwy), (vfx, vwx) = _axis_taps(shift[0], 1), _axis_taps(shift[1], 1)
