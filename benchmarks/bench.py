@@ -159,6 +159,12 @@ def machine_probe_ms() -> float:
     return 1000.0 * best
 
 
+def _reduce_command(sim: Path, out_dir: Path, pipeline_ini: Path) -> list:
+    """The ``ioi reduce`` command line of one multrun's timed and memory runs."""
+    return [sys.executable, "-m", "ioi", "reduce", str(sim / "raw"), "--out", str(out_dir),
+            "--pi", str(pipeline_ini), "--pa", str(sim / "config" / "paths.ini"), "--force", "--log", "WARNING"]
+
+
 def _tree_pss_kb(pid: int):
     """Proportional set size (kB) of process ``pid`` and its children, or None (not Linux).
 
@@ -190,8 +196,7 @@ def tree_peak_mb(sim: Path, out_dir: Path, *, pipeline_ini: Path, every_s: float
         return None
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cmd = [sys.executable, "-m", "ioi", "reduce", str(sim / "raw"), "--out", str(out_dir),
-           "--pi", str(pipeline_ini), "--pa", str(sim / "config" / "paths.ini"), "--force", "--log", "WARNING"]
+    cmd = _reduce_command(sim, out_dir, pipeline_ini)
     peak = 0
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -207,8 +212,7 @@ def run_reduce(sim: Path, out_dir: Path, *, pipeline_ini: Path) -> dict:
     """``ioi reduce`` as a subprocess: wall time, peak RSS of that child, exit code, report."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cmd = [sys.executable, "-m", "ioi", "reduce", str(sim / "raw"), "--out", str(out_dir),
-           "--pi", str(pipeline_ini), "--pa", str(sim / "config" / "paths.ini"), "--force", "--log", "WARNING"]
+    cmd = _reduce_command(sim, out_dir, pipeline_ini)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     probe = machine_probe_ms()
     steal0 = steal_seconds()

@@ -195,14 +195,22 @@ class SideProcesses:
         """Start every child now (each imports numpy and sep while the caller goes on)."""
         with self._cond:
             while not (self._closed or self._broken) and len(self._children) < self.workers:
-                try:
-                    child = _Child(self.preload)
-                except OSError as exc:
-                    self._give_up(f"cannot start a side process ({exc})")
+                child = self._spawn()
+                if child is None:
                     break
-                self._children.append(child)
                 self._idle.append(child)
         return self
+
+    def _spawn(self):
+        """A new child, counted among the children (under the lock), or None if none can
+        start (then every call runs here)."""
+        try:
+            child = _Child(self.preload)
+        except OSError as exc:
+            self._give_up(f"cannot start a side process ({exc})")
+            return None
+        self._children.append(child)
+        return child
 
     def _acquire(self):
         with self._cond:
@@ -212,13 +220,7 @@ class SideProcesses:
                 if self._idle:
                     return self._idle.pop()
                 if len(self._children) < self.workers:
-                    try:
-                        child = _Child(self.preload)
-                    except OSError as exc:
-                        self._give_up(f"cannot start a side process ({exc})")
-                        return None
-                    self._children.append(child)
-                    return child
+                    return self._spawn()
                 self._cond.wait()
 
     def _release(self, child: _Child, lost: bool) -> None:
