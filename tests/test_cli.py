@@ -124,3 +124,16 @@ def test_fast_exit_waits_for_a_live_non_daemon_thread(tmp_path):
 def test_console_entry_turns_usage_errors_into_exit_2():
     r = run_cli("reduce")
     assert r.returncode == 2 and "required" in r.stderr
+
+
+def test_one_blas_thread_keeps_a_users_setting_and_cli_imports_no_numpy():
+    from ioi._parallel import BLAS_THREAD_VARIABLES, one_blas_thread
+
+    env = {"OPENBLAS_NUM_THREADS": "4"}
+    one_blas_thread(env)
+    assert env["OPENBLAS_NUM_THREADS"] == "4"
+    assert all(env[name] == "1" for name in BLAS_THREAD_VARIABLES if name != "OPENBLAS_NUM_THREADS")
+    # the entry points set it before numpy's first import, which must come later
+    code = "import sys, ioi.cli; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -243,3 +243,47 @@ def test_side_processes_give_byte_identical_products(tree, serial, tmp_path, mon
     assert started and all(s._children for s in started)  # they did run
     assert not any(s._broken for s in started)
     assert _fits_bytes(out) == _fits_bytes(serial[1])
+
+
+def test_command_line_side_processes_are_shared_by_the_multruns(tree, serial, tmp_path, monkeypatch):
+    """A serial ``ioi reduce`` of full-size data starts sep's side processes before its
+    imports and shares them among its multruns; the products are the same bytes."""
+    from ioi import cli, pipeline
+
+    monkeypatch.setattr(pipeline, "_SIDE_PROCESS_MIN_PIXELS", 0)
+    monkeypatch.setattr(cli, "_FULL_SIZE_READ_BYTES", 0)  # these small reads count as full size
+    started, calls = [], []
+    real_start, real_call = pipeline.SideProcesses.start, pipeline.SideProcesses.call
+
+    def start(self):
+        started.append(self)
+        return real_start(self)
+
+    def call(self, fn, *args, **kwargs):
+        calls.append(self)
+        return real_call(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.SideProcesses, "start", start)
+    monkeypatch.setattr(pipeline.SideProcesses, "call", call)
+    out = tmp_path / "shared"
+    assert _reduce(tree, tree["data"], out) == 0
+    assert len(started) == 1 and set(calls) == set(started)  # one set of children for all three multruns
+    side = started[0]
+    assert side._closed and not side._broken
+    assert all(c.proc.poll() is not None for c in side._children)  # ended with the run
+    assert _fits_bytes(out) == _fits_bytes(serial[1])
+
+
+def test_side_processes_not_started_early_for_small_data_or_workers(tree, tmp_path):
+    from ioi import cli
+
+    with cli._side_processes_for(tree["data"], serial=True) as side:
+        assert side is True  # 256x256 reads: the pipeline decides per multrun
+    big = tmp_path / "night" / "i_e_20150227_1_1_1_1.fits"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(cli._FULL_SIZE_READ_BYTES)  # sparse: only its size matters
+    assert cli._full_size_input(tmp_path)
+    assert not cli._full_size_input(tmp_path / "night" / "missing")
+    with cli._side_processes_for(tmp_path, serial=False) as side:
+        assert side is True  # --workers / --scheduler: none in this process

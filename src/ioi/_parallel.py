@@ -10,6 +10,29 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+#: Threads of a reduction's parallel phases (two dithers, two frames written and
+#: resampled at once): the benchmark machine's 2 cores.
+PIPELINE_THREADS = 2
+
+#: Environment variables that size the thread pools of numpy's BLAS (OpenBLAS in the
+#: wheels; MKL or OpenMP builds elsewhere).
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def one_blas_thread(environ) -> None:
+    """Set ``environ``'s BLAS thread counts to 1 where they are not set already.
+
+    The pipeline's only BLAS calls are least-squares fits of a few hundred
+    stars; its parallelism is its own threads.  OpenBLAS otherwise starts a
+    thread per core when numpy is imported, which costs 0.25-0.35 s of CPU at
+    start-up on the 2-core benchmark machine (``import`` of the pipeline:
+    1.3-1.6 s of user time against 1.0-1.3 s with one thread).  It only takes
+    effect before numpy is first imported (the command-line entry points and
+    child processes call it); a value the user set is kept.
+    """
+    for name in BLAS_THREAD_VARIABLES:
+        environ.setdefault(name, "1")
+
 
 def thread_map(fn, items, workers: int | None = None) -> list:
     """``[fn(x) for x in items]``, in order, on up to ``workers`` threads (default:

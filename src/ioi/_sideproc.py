@@ -35,6 +35,8 @@ import threading
 
 import numpy as np
 
+from ioi._parallel import PIPELINE_THREADS, one_blas_thread
+
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<Q")
@@ -107,9 +109,7 @@ def _write_message(stream, data: bytes) -> None:
 class _Child:
     def __init__(self, preload=()):
         env = dict(os.environ)
-        # numpy's BLAS would start a thread per core in each child for nothing
-        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(name, "1")
+        one_blas_thread(env)  # numpy's BLAS would start a thread per core in each child for nothing
         self.proc = subprocess.Popen([sys.executable, "-m", "ioi._sideproc", *preload], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self.shared = None  # _SharedFile, grown as calls need
@@ -269,6 +269,15 @@ class SideProcesses:
             self._cond.notify_all()
         for child in idle:
             child.close()
+
+
+def sep_side_processes(workers: int | None = None) -> SideProcesses:
+    """Side processes (not yet started) for :mod:`ioi.stages._sep`'s calls, each child
+    importing it as it starts; ``workers`` defaults to one per pipeline thread, at
+    most one a core."""
+    if workers is None:
+        workers = min(PIPELINE_THREADS, os.cpu_count() or 1)
+    return SideProcesses(workers=workers, preload=("ioi.stages._sep",))
 
 
 def direct_call(fn, *args, **kwargs):

@@ -26,7 +26,8 @@ from astropy.io import fits
 
 from ioi import fitsio, sexconfig
 from ioi._memory import Scratch, release_free_heap
-from ioi._sideproc import SideProcesses, direct_call
+from ioi._parallel import PIPELINE_THREADS
+from ioi._sideproc import SideProcesses, direct_call, sep_side_processes
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.discovery import LT, DitherSequence, Multrun
@@ -36,7 +37,7 @@ from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame, Ramp
 log = logging.getLogger(__name__)
 
 BORDER = 4
-_THREADS = 2  # dithers processed, or frames written and resampled, at once
+_THREADS = PIPELINE_THREADS  # dithers processed, or frames written and resampled, at once
 #: Frames of at least this many pixels have sep's calls run in side processes
 #: (ioi._sideproc: sep holds the GIL).  Measured on the 9-dither 2048x2048 bench
 #: multrun, 2 cores, eight alternate pairs: wall 9.03 -> 8.61 s (median), for
@@ -355,12 +356,17 @@ def _import_in_background(names) -> threading.Thread:
 
 def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_dir, *,
                    flip: bool = False, calibration: Calibration | None = None,
-                   progress=None, side_processes: bool = True) -> ReductionResult:
+                   progress=None, side_processes=True) -> ReductionResult:
     """Reduce one multrun from raw reads to L1 (and, for dithered LT data, L2) products.
 
     ``side_processes``: for full-size frames, run sep's calls (source masks,
     registration) in up to two child processes (:mod:`ioi._sideproc`), since sep
-    holds the GIL; the products are the same either way.  Off where other
+    holds the GIL; the products are the same either way.  True: children started
+    for this multrun (and ended with it); a running
+    :class:`~ioi._sideproc.SideProcesses` (preloading ``ioi.stages._sep``): those
+    children, left running for the caller to close (the command line starts them
+    as it starts, so that their start-up overlaps its own, and shares them among
+    the multruns of a run); False: sep runs in this process.  Off where other
     processes already share the cores (``--workers``, a Dask cluster).
 
     Non-fatal problems (codes 18, 30, 34) are logged and listed in the result;
@@ -411,7 +417,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
 
 
 def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibration, run: _Run, out_dir: Path,
-            detection: dict, side_processes: bool = True):
+            detection: dict, side_processes=True):
     """Sky subtraction, registration, stacking and the products, one frame at a time
     where the order allows.  ``frames`` (the unsubtracted frames) is emptied.
 
@@ -433,16 +439,19 @@ def _finish(multrun: Multrun, frames: list, pipe: PipelineConfig, cal: Calibrati
     # from them instead of running sep's extraction again (not with a user's own
     # detection settings, use_sexconfig, which then apply as they are).
     reuse_sources = pipe.registration.do and not pipe.registration.use_sexconfig
-    side = None
-    if side_processes and dithered and (sp.do and sp.mask_sources or pipe.registration.do) \
+    side = own = None
+    if side_processes is not False and dithered and (sp.do and sp.mask_sources or pipe.registration.do) \
             and frames[0].science.size >= _SIDE_PROCESS_MIN_PIXELS:
-        side = SideProcesses(workers=min(_THREADS, os.cpu_count() or 1), preload=("ioi.stages._sep",)).start()
+        if isinstance(side_processes, SideProcesses):
+            side = side_processes
+        else:
+            side = own = sep_side_processes().start()
     try:
         _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered, reuse_sources,
                        side.call if side is not None else direct_call)
     finally:
-        if side is not None:
-            side.close()
+        if own is not None:
+            own.close()
 
 
 def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered, reuse_sources, offload):

@@ -142,9 +142,10 @@ def is_done(multrun: Multrun, out_dir: Path, digest: str, calibration_files=()) 
 # ----------------------------------------------------------------------------- one multrun
 
 def reduce_one(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, out_dir, *, flip=False,
-               force=False, side_processes: bool = True) -> MultrunOutcome:
+               force=False, side_processes=True) -> MultrunOutcome:
     """Reduce one multrun, turning any failure into an outcome instead of an exception
-    (``side_processes``: see :func:`ioi.pipeline.reduce_multrun`)."""
+    (``side_processes``: True, False or a running :class:`ioi._sideproc.SideProcesses`,
+    see :func:`ioi.pipeline.reduce_multrun`)."""
     from ioi.pipeline import reduce_multrun
 
     out_dir = Path(out_dir)
@@ -204,14 +205,16 @@ def _lost(name: str, exc: BaseException) -> MultrunOutcome:
 
 def reduce_all(multruns, pipe: PipelineConfig, paths: PathsConfig, out_dir, *, flip=False, workers=1,
                scheduler=None, force=False, progress=None, log_level="WARNING", logfile=None,
-               failed=()) -> RunSummary:
+               failed=(), side_processes=True) -> RunSummary:
     """Reduce every multrun: serially (workers=1), with a local process pool, or on a Dask cluster.
 
     ``scheduler`` is a dask.distributed scheduler address, a ``Client``, or a
     cluster object (e.g. ``LocalCluster``).  ``logfile`` (usually
     ``OUT/res.log``) is appended to by worker processes.  ``failed`` holds
     outcomes already known (multruns that could not even be discovered); they
-    join the summary.
+    join the summary.  ``side_processes``: for a serial run, True, False or a running
+    :class:`ioi._sideproc.SideProcesses` that every multrun shares (see
+    :func:`ioi.pipeline.reduce_multrun`); process pools and Dask workers never use them.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +264,7 @@ def reduce_all(multruns, pipe: PipelineConfig, paths: PathsConfig, out_dir, *, f
                     _done(_lost(futs[fut], exc))
     else:
         for m in multruns:
-            _done(reduce_one(m, pipe, paths, out_dir, flip=flip, force=force))
+            _done(reduce_one(m, pipe, paths, out_dir, flip=flip, force=force, side_processes=side_processes))
     order = {m.name: i for i, m in enumerate(multruns)}
     outcomes.sort(key=lambda o: order.get(o.name, 0))
     return RunSummary(sorted(list(failed), key=lambda o: o.name) + outcomes)
