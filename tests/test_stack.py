@@ -186,3 +186,37 @@ def test_stack_quality_carries_the_flags_of_the_frames_used():
     assert out.quality[2, 2] == 0
     assert out.quality[3, 3] == DQ.DO_NOT_USE | DQ.NO_OVERLAP
     assert out.quality[0, 0] == 0
+
+
+_values = st.sampled_from([0.0, -0.0, 1.5, -2.25, 3e4, 1e-30, np.nan, np.inf, -np.inf])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 4), rows=st.integers(1, 300))
+def test_accumulator_sums_are_those_of_adding_only_where_valid(data, n, rows):
+    """The masked-bits sums of StackAccumulator.add against the plain rule, bit for bit:
+    every frame in order, a value added where it is finite and not DO_NOT_USE (its
+    variance where that is finite too), flags OR-ed where it is used.  Rows beyond
+    one chunk, signed zeros, NaN and infinities included."""
+    shape = (rows, 3)
+    frames = []
+    for _ in range(n):
+        sci = data.draw(hnp.arrays(np.float32, shape, elements=_values))
+        var = data.draw(hnp.arrays(np.float32, shape, elements=_values))
+        q = data.draw(hnp.arrays(np.uint32, shape, elements=st.sampled_from(
+            [0, int(DQ.DO_NOT_USE), int(DQ.MASKED), int(DQ.DO_NOT_USE | DQ.NO_OVERLAP), 1 << 20])))
+        frames.append(Frame(science=sci, variance=var, quality=q, header=fits.Header()))
+    acc = K.StackAccumulator("COADD")
+    total, vtot = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    used, quality = np.zeros(shape, np.int16), np.zeros(shape, np.uint32)
+    for f in frames:
+        acc.add(f)
+        ok = np.isfinite(f.science) & ((f.quality & DQ.DO_NOT_USE) == 0)
+        total = np.where(ok, total + f.science, total)
+        vok = ok & np.isfinite(f.variance)
+        vtot = np.where(vok, vtot + f.variance, vtot)
+        used += ok
+        quality = np.where(ok, quality | f.quality, quality)
+    assert acc.total.tobytes() == total.tobytes()
+    assert acc.vtot.tobytes() == vtot.tobytes()
+    assert np.array_equal(acc.used, used) and np.array_equal(acc.quality, quality)

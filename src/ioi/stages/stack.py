@@ -151,7 +151,7 @@ def _stack_result(meth: str, n: int, clip_sigma, header, science, variance, coun
     return StackResult(frame=result, exposure_map=count, n_frames=n)
 
 
-_ADD_ROWS = 64  # rows summed at a time by StackAccumulator.add
+_ADD_ROWS = 128  # rows summed at a time by StackAccumulator.add (as fast as 32-64 rows, half the calls)
 
 
 class StackAccumulator:
@@ -185,23 +185,34 @@ class StackAccumulator:
         science = np.asarray(frame.science, dtype=np.float32)
         variance = np.asarray(frame.variance, dtype=np.float32)
         nx = science.shape[1]
-        # Row chunks through reused buffers, adding where valid (ufunc ``where=``):
-        # no frame-sized temporaries, each chunk's planes stay in cache.
+        # Row chunks through reused buffers (no frame-sized temporaries; each chunk's
+        # planes stay in cache).  A value is left out by AND-ing its bits with a mask
+        # of zeros (all ones where it is used) and adding the result: + 0.0 and | 0
+        # leave a sum unchanged (a sum that starts at +0.0 never becomes -0.0), so this
+        # is what adding only where valid gives, bit for bit.  numpy's ``where=`` (and
+        # ``copyto``) branch on every element: 11 ms a frame each against ~3 ms here,
+        # the whole add 45 -> 31 ms for a 2048^2 frame.
         valid = np.empty((_ADD_ROWS, nx), dtype=bool)
         var_ok = np.empty((_ADD_ROWS, nx), dtype=bool)
         dnu = np.empty((_ADD_ROWS, nx), dtype=np.uint32)
+        keep = np.empty((_ADD_ROWS, nx), dtype=np.uint32)
+        bits = np.empty((_ADD_ROWS, nx), dtype=np.uint32)
+        science_bits, variance_bits = science.view(np.uint32), variance.view(np.uint32)
+        zero = np.uint32(0)
         for r in range(0, science.shape[0], _ADD_ROWS):
             s = slice(r, r + _ADD_ROWS)
             n = min(_ADD_ROWS, science.shape[0] - r)
-            v, ok, d = valid[:n], var_ok[:n], dnu[:n]
+            v, ok, d, m, b = valid[:n], var_ok[:n], dnu[:n], keep[:n], bits[:n]
             np.isfinite(science[s], out=v)
             v &= np.equal(np.bitwise_and(flags[s], np.uint32(DQ.DO_NOT_USE), out=d), 0, out=ok)
-            np.add(self.total[s], science[s], out=self.total[s], where=v)
-            np.logical_and(v, np.isfinite(variance[s], out=ok), out=ok)
-            np.add(self.vtot[s], variance[s], out=self.vtot[s], where=ok)
-            self.used[s] += v
+            np.subtract(zero, v, out=m, dtype=np.uint32)  # 0xffffffff where used, else 0
+            self.total[s] += np.bitwise_and(science_bits[s], m, out=b).view(np.float32)
             # the flags of the frames that went into each pixel (why a pixel may be special)
-            np.bitwise_or(self.quality[s], flags[s], out=self.quality[s], where=v)
+            self.quality[s] |= np.bitwise_and(flags[s], m, out=b)
+            self.used[s] += v
+            np.logical_and(v, np.isfinite(variance[s], out=ok), out=ok)
+            np.subtract(zero, ok, out=m, dtype=np.uint32)
+            self.vtot[s] += np.bitwise_and(variance_bits[s], m, out=b).view(np.float32)
         self.n += 1
 
     def result(self) -> StackResult:
