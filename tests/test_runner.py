@@ -233,9 +233,9 @@ def test_side_processes_give_byte_identical_products(tree, serial, tmp_path, mon
     started = []
     real = pipeline.SideProcesses.start
 
-    def start(self):
+    def start(self, count=None):
         started.append(self)
-        return real(self)
+        return real(self, count)
 
     monkeypatch.setattr(pipeline.SideProcesses, "start", start)
     out = tmp_path / "side"
@@ -255,9 +255,10 @@ def test_command_line_side_processes_are_shared_by_the_multruns(tree, serial, tm
     started, calls = [], []
     real_start, real_call = pipeline.SideProcesses.start, pipeline.SideProcesses.call
 
-    def start(self):
-        started.append(self)
-        return real_start(self)
+    def start(self, count=None):
+        if self not in started:
+            started.append(self)
+        return real_start(self, count)
 
     def call(self, fn, *args, **kwargs):
         calls.append(self)
@@ -270,6 +271,7 @@ def test_command_line_side_processes_are_shared_by_the_multruns(tree, serial, tm
     assert len(started) == 1 and set(calls) == set(started)  # one set of children for all three multruns
     side = started[0]
     assert side._closed and not side._broken
+    assert len(side._children) == side.workers  # the first at the start, the rest with the reduction
     assert all(c.proc.poll() is not None for c in side._children)  # ended with the run
     assert _fits_bytes(out) == _fits_bytes(serial[1])
 

@@ -114,3 +114,14 @@ def test_an_interrupted_exchange_retires_that_child(monkeypatch):
         assert first not in side._children and first.proc.wait(timeout=10) is not None
         assert side.call(np.add, 1, 2) == 3  # a fresh child serves the next call
         assert not side._broken
+
+
+def test_start_tops_up_to_count_then_workers():
+    with SideProcesses(2) as side:
+        side.start(1)
+        assert len(side._children) == 1
+        side.start(5)  # never more than workers
+        assert len(side._children) == 2
+        side.start()
+        assert len(side._children) == 2
+        assert side.call(np.add, 2, 3) == 5

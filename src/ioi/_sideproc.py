@@ -191,10 +191,12 @@ class SideProcesses:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> SideProcesses:
-        """Start every child now (each imports numpy and sep while the caller goes on)."""
+    def start(self, count: int | None = None) -> SideProcesses:
+        """Start children now until ``count`` (default ``workers``, at most that) are running;
+        each imports its modules while the caller goes on."""
+        count = self.workers if count is None else min(self.workers, int(count))
         with self._cond:
-            while not (self._closed or self._broken) and len(self._children) < self.workers:
+            while not (self._closed or self._broken) and len(self._children) < count:
                 child = self._spawn()
                 if child is None:
                     break

@@ -375,6 +375,8 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _import_in_background(_STAGE_MODULES)
+    if isinstance(side_processes, SideProcesses):
+        side_processes.start()  # all of the caller's children, started while the first dithers are read
     result = ReductionResult(multrun=multrun.name)
     run = _Run(result)
     cal = calibration if calibration is not None else load_calibration(pipe, paths, flip=flip)
