@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 
 import bottleneck as bn
@@ -150,7 +151,8 @@ class _Pairs:
 
     CDS is one pair (first read, last read); Fowler-n is n pairs (pedestal
     read k, signal read k).  Every per-pixel operation is on the reads of that
-    pixel only, so any split of the frame gives the same result.
+    pixel only, so any split of the frame gives the same result.  The derived
+    times are computed once (each row chunk of a frame reads them).
     """
 
     ped: tuple  # index of each pair's first (pedestal) read
@@ -165,19 +167,19 @@ class _Pairs:
     def npairs(self) -> int:
         return len(self.ped)
 
-    @property
+    @functools.cached_property
     def dts(self) -> np.ndarray:
         return self.t[list(self.sig)] - self.t[list(self.ped)]
 
-    @property
+    @functools.cached_property
     def dt_mean(self) -> float:
         return float(self.dts.mean())
 
-    @property
+    @functools.cached_property
     def exptime(self) -> float:
         return self.dt_mean + float(self.bodge)
 
-    @property
+    @functools.cached_property
     def overlap(self) -> np.ndarray:
         """(pairs, pairs): time shared by the intervals [t_ped_k, t_sig_k] and [t_ped_l, t_sig_l]."""
         ts, tp = self.t[list(self.sig)], self.t[list(self.ped)]
