@@ -319,3 +319,23 @@ def test_empty_hdulist_behaves_as_before(tmp_path):
     with pytest.warns(UserWarning, match="nothing to write"):
         path = fitsio.write_fits_atomic(tmp_path / "e.fits", fits.HDUList())
     assert path.read_bytes() == b""
+
+
+def test_commit_sets_an_older_file_aside_for_deletion_later(tmp_path):
+    path = tmp_path / "product.fits"
+    old = fitsio.write_image(path, np.zeros((4, 4), np.float32))
+    keep = old.read_bytes()
+    pending = fitsio.write_fits_atomic(path, fits.HDUList([fits.PrimaryHDU(np.ones((4, 4), np.float32))]),
+                                       overwrite=True, pending=True)
+    aside = []
+    assert pending.commit(aside) == path
+    assert fits.getdata(path)[0, 0] == 1.0
+    assert len(aside) == 1 and aside[0].parent == tmp_path and aside[0].name.startswith(".")
+    assert aside[0].read_bytes() == keep  # the old product, intact until removed
+    fitsio.remove_files(aside + [tmp_path / "gone"]).join()  # a missing file is no error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["product.fits"]
+    # nothing to set aside into an empty place
+    fresh = fitsio.write_fits_atomic(tmp_path / "new.fits", fits.HDUList([fits.PrimaryHDU()]), pending=True)
+    none = []
+    fresh.commit(none)
+    assert none == [] and (tmp_path / "new.fits").exists()

@@ -221,8 +221,12 @@ def test_cli_rerun_reports_skipped_and_force(tree, tmp_path, capsys):
     capsys.readouterr()
     assert _reduce(tree, data, out, "--multruns", "1") == 0
     assert capsys.readouterr().out.count(": skipped") == 2
+    before = {p.name: p.stat().st_ino for p in out.glob("*.fits")}
     assert _reduce(tree, data, out, "--multruns", "1", "--force") == 0
     assert capsys.readouterr().out.count(": done") == 2
+    after = {p.name: p.stat().st_ino for p in out.glob("*.fits")}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in after)  # new files
+    assert not list(out.glob(".*.old")) + list(out.glob(".*.tmp"))  # replaced ones set aside and deleted
 
 
 def test_side_processes_give_byte_identical_products(tree, serial, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -208,12 +209,50 @@ class PendingFile:
     def __init__(self, tmp, path):
         self.tmp, self.path = Path(tmp), Path(path)
 
-    def commit(self) -> Path:
+    def commit(self, set_aside: list | None = None) -> Path:
+        """Rename the file into place and return its path.
+
+        ``set_aside``: a list; a file already at ``path`` is first renamed to a hidden
+        name beside it and appended to the list, for the caller to delete later
+        (:func:`remove_files`).  Renaming a new file over a large old one makes the
+        file system free the old one inside the rename (and ext4 flush the new
+        one first): 60-120 ms for a 96 MB product on the benchmark machine,
+        against 0.1 ms when nothing is replaced.  Between the two renames the
+        product is briefly absent; it is never partly written.
+        """
+        if set_aside is not None:
+            old = self.tmp.with_name(self.tmp.name.removesuffix(".tmp") + ".old")  # unique as tmp is
+            try:
+                os.rename(self.path, old)
+            except FileNotFoundError:
+                pass
+            else:
+                set_aside.append(old)
         os.replace(self.tmp, self.path)
         return self.path
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
+
+
+def remove_files(paths) -> threading.Thread:
+    """Delete ``paths`` (missing ones ignored) on a thread, started and returned; join it
+    before the process ends.  Deleting a large file costs the kernel tens of ms, which
+    need not wait in line with the work that follows."""
+    paths = list(paths)
+
+    def run():
+        for p in paths:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove %s: %s", p, exc)
+
+    thread = threading.Thread(target=run, name="ioi-remove", daemon=False)
+    thread.start()
+    return thread
 
 
 # Products are written by our own writer, not by HDUList.writeto: for each image

@@ -621,31 +621,37 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    run.result.l1_products.extend(p.commit() for p in pending if p is not None)
-    frames.clear()
-    reg_done = finder is not None  # registration was run and every frame registered
+    set_aside = []  # the products of an earlier run, replaced: deleted beside the stack's work
+    run.result.l1_products.extend(p.commit(set_aside) for p in pending if p is not None)
+    remover = fitsio.remove_files(set_aside)
+    try:
+        frames.clear()
+        reg_done = finder is not None  # registration was run and every frame registered
 
-    stacked = None
-    if stack_wanted and reg_done:
-        with run.stage("stack"):
-            if accumulator is not None:
-                stacked = accumulator.result()
-            else:
-                stacked = stack.stack_frames(kept, method=pipe.stacking.method, clip_sigma=clip)
-        del kept, accumulator
-        if write:
-            with run.stage("write"):
-                ext = "SK_SS" if sky_done else "SK_NONSS"
-                primary = _with_keywords(stacked.frame.header, cards)
-                primary["NCOMBINE"] = (stacked.n_frames, "frames in the stack")
-                exp_header = fits.Header(fitsio.wcs_cards(stacked.frame.header))
-                exp_header["BUNIT"] = ("frames", "number of frames contributing per pixel")
-                exposure = fits.ImageHDU(np.asarray(stacked.exposure_map, dtype=np.int16), header=exp_header,
-                                         name=f"{ext}_EXP")
-                run.result.l2_product = fitsio.write_product(out_dir / multrun.l2_name(), primary, {ext: stacked.frame},
-                                                             overwrite=True, extra_hdus=[exposure])
-    run.result.stage_seconds["total"] = time.perf_counter() - run.t_start
-    run.result.report = write_report(out_dir, multrun, run.result, stats, stacked=stacked)
+        stacked = None
+        if stack_wanted and reg_done:
+            with run.stage("stack"):
+                if accumulator is not None:
+                    stacked = accumulator.result()
+                else:
+                    stacked = stack.stack_frames(kept, method=pipe.stacking.method, clip_sigma=clip)
+            del kept, accumulator
+            if write:
+                with run.stage("write"):
+                    ext = "SK_SS" if sky_done else "SK_NONSS"
+                    primary = _with_keywords(stacked.frame.header, cards)
+                    primary["NCOMBINE"] = (stacked.n_frames, "frames in the stack")
+                    exp_header = fits.Header(fitsio.wcs_cards(stacked.frame.header))
+                    exp_header["BUNIT"] = ("frames", "number of frames contributing per pixel")
+                    exposure = fits.ImageHDU(np.asarray(stacked.exposure_map, dtype=np.int16), header=exp_header,
+                                             name=f"{ext}_EXP")
+                    run.result.l2_product = fitsio.write_product(out_dir / multrun.l2_name(), primary,
+                                                                 {ext: stacked.frame}, overwrite=True,
+                                                                 extra_hdus=[exposure])
+        run.result.stage_seconds["total"] = time.perf_counter() - run.t_start
+        run.result.report = write_report(out_dir, multrun, run.result, stats, stacked=stacked)
+    finally:
+        remover.join()
 
 
 def _write_l1(path: Path, nonss: Frame, ss, cards, transform):
