@@ -174,12 +174,15 @@ def _full_size_input(data: Path) -> bool:
 
 @contextlib.contextmanager
 def _side_processes_for(data: Path, serial: bool):
-    """What a run's ``side_processes`` should be: for a serial run of full-size data, sep's
-    side processes, the first started now, before the pipeline's imports (0.5 s on one
-    core), so that its own start-up (numpy and sep, ~0.2 s of CPU) runs on the idle
-    core instead of during the reduction (the second starts with the reduction, while
-    the first dithers are read); they serve every multrun of the run and end with it.  Otherwise True (the pipeline decides per multrun).  A wrong guess costs
-    only speed: the products are the same with or without them.
+    """What a run's ``side_processes`` should be.
+
+    For a serial run of full-size data: sep's side processes, the first started now,
+    before the pipeline's imports (0.5 s on one core), so that its own start-up
+    (numpy and sep, ~0.2 s of CPU) runs on the idle core instead of during the
+    reduction (the second starts with the reduction, while the first dithers are
+    read); they serve every multrun of the run and end with it.  Otherwise True (the
+    pipeline decides per multrun).  A wrong guess costs only speed: the products are
+    the same with or without them.
     """
     if not (serial and _full_size_input(data)):
         yield True
