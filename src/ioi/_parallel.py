@@ -14,6 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 #: resampled at once): the benchmark machine's 2 cores.
 PIPELINE_THREADS = 2
 
+#: Frames of at least this many pixels have sep's calls run in side processes
+#: (ioi._sideproc: sep holds the GIL).  Measured on the 9-dither 2048x2048 bench
+#: multrun, 2 cores, eight alternate pairs: wall 9.03 -> 8.61 s (median), for
+#: 0.6-1.4 s more CPU (the processes' start-up and the copies to them), which
+#: smaller frames would not repay.
+SIDE_PROCESS_MIN_PIXELS = 2_000_000
+
 #: Environment variables that size the thread pools of numpy's BLAS (OpenBLAS in the
 #: wheels; MKL or OpenMP builds elsewhere).
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

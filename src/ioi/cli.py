@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ioi._parallel import one_blas_thread
+from ioi._parallel import SIDE_PROCESS_MIN_PIXELS, one_blas_thread
 from ioi.errors import ExitCode, IoiError
 
 log = logging.getLogger("ioi.cli")
@@ -154,9 +154,9 @@ def _add_reduce(sub) -> None:
     p.set_defaults(func=_cmd_reduce)
 
 
-#: A raw read of this many bytes or more (2M pixels of 16 bits) is a full-size frame, for
-#: which a reduction runs sep in side processes (``ioi.pipeline._SIDE_PROCESS_MIN_PIXELS``).
-_FULL_SIZE_READ_BYTES = 4_000_000
+#: A raw read of this many bytes or more (16-bit pixels) is a full-size frame, for which
+#: a reduction runs sep in side processes.
+_FULL_SIZE_READ_BYTES = 2 * SIDE_PROCESS_MIN_PIXELS
 
 
 def _full_size_input(data: Path) -> bool:

@@ -26,7 +26,7 @@ from astropy.io import fits
 
 from ioi import fitsio, sexconfig
 from ioi._memory import Scratch, release_free_heap
-from ioi._parallel import PIPELINE_THREADS
+from ioi._parallel import PIPELINE_THREADS, SIDE_PROCESS_MIN_PIXELS
 from ioi._sideproc import SideProcesses, direct_call, sep_side_processes
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
@@ -38,12 +38,7 @@ log = logging.getLogger(__name__)
 
 BORDER = 4
 _THREADS = PIPELINE_THREADS  # dithers processed, or frames written and resampled, at once
-#: Frames of at least this many pixels have sep's calls run in side processes
-#: (ioi._sideproc: sep holds the GIL).  Measured on the 9-dither 2048x2048 bench
-#: multrun, 2 cores, eight alternate pairs: wall 9.03 -> 8.61 s (median), for
-#: 0.6-1.4 s more CPU (the processes' start-up and the copies to them), which
-#: smaller frames would not repay.
-_SIDE_PROCESS_MIN_PIXELS = 2_000_000
+_SIDE_PROCESS_MIN_PIXELS = SIDE_PROCESS_MIN_PIXELS  # frames this large run sep in side processes
 DEFAULT_GAIN = GAIN_BY_ASICGAIN[10]
 
 
