@@ -14,6 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 #: resampled at once): the benchmark machine's 2 cores.
 PIPELINE_THREADS = 2
 
+
+def pipeline_threads() -> int:
+    """Threads (or side processes) a reduction's parallel phase uses: PIPELINE_THREADS,
+    at most one a core."""
+    return max(1, min(PIPELINE_THREADS, os.cpu_count() or 1))
+
 #: Frames of at least this many pixels have sep's calls run in side processes
 #: (ioi._sideproc: sep holds the GIL).  Measured on the 9-dither 2048x2048 bench
 #: multrun, 2 cores, eight alternate pairs: wall 9.03 -> 8.61 s (median), for

@@ -35,7 +35,7 @@ import threading
 
 import numpy as np
 
-from ioi._parallel import PIPELINE_THREADS, one_blas_thread
+from ioi._parallel import one_blas_thread, pipeline_threads
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ class _SharedFile:
             pass
 
 
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``_ALIGN`` (each array's place in the shared file)."""
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 def _is_shared(a) -> bool:
     return isinstance(a, np.ndarray) and a.nbytes >= _SHARE_MIN_BYTES and not a.dtype.hasobject
 
@@ -119,7 +124,7 @@ class _Child:
         big = [a for a in list(args) + list(kwargs.values()) if _is_shared(a)]
         if not big:
             return None, args, kwargs
-        need = sum(-(-a.nbytes // _ALIGN) * _ALIGN for a in big)
+        need = sum(_aligned(a.nbytes) for a in big)
         if self.shared is None or self.shared.size < need:
             if self.shared is not None:
                 self.shared.close()  # the child drops its map when it sees a new path
@@ -133,7 +138,7 @@ class _Child:
                 return a
             marker = _SharedArray(offset, a.shape, a.dtype)
             np.copyto(marker.view(self.shared.map), a)
-            offset += -(-a.nbytes // _ALIGN) * _ALIGN
+            offset += _aligned(a.nbytes)
             return marker
 
         return self.shared.path, tuple(put(a) for a in args), {k: put(v) for k, v in kwargs.items()}
@@ -286,9 +291,7 @@ def sep_side_processes(workers: int | None = None) -> SideProcesses:
     """Side processes (not yet started) for :mod:`ioi.stages._sep`'s calls, each child
     importing it as it starts; ``workers`` defaults to one per pipeline thread, at
     most one a core."""
-    if workers is None:
-        workers = min(PIPELINE_THREADS, os.cpu_count() or 1)
-    return SideProcesses(workers=workers, preload=("ioi.stages._sep",))
+    return SideProcesses(workers=pipeline_threads() if workers is None else workers, preload=("ioi.stages._sep",))
 
 
 def direct_call(fn, *args, **kwargs):

@@ -26,7 +26,7 @@ from astropy.io import fits
 
 from ioi import fitsio, sexconfig
 from ioi._memory import Scratch, release_free_heap
-from ioi._parallel import PIPELINE_THREADS, SIDE_PROCESS_MIN_PIXELS
+from ioi._parallel import SIDE_PROCESS_MIN_PIXELS, pipeline_threads
 from ioi._sideproc import SideProcesses, direct_call, sep_side_processes
 from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
@@ -37,7 +37,6 @@ from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame, Ramp
 log = logging.getLogger(__name__)
 
 BORDER = 4
-_THREADS = PIPELINE_THREADS  # dithers processed, or frames written and resampled, at once
 _SIDE_PROCESS_MIN_PIXELS = SIDE_PROCESS_MIN_PIXELS  # frames this large run sep in side processes
 DEFAULT_GAIN = GAIN_BY_ASICGAIN[10]
 
@@ -384,7 +383,7 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
         # Two dithers at a time: reading, reference subtraction and calibration are
         # single-threaded numpy that releases the GIL, so two dithers overlap on
         # two cores (the combination itself also runs in row chunks on threads).
-        workers = max(1, min(_THREADS, os.cpu_count() or 1, len(multrun.dithers)))
+        workers = max(1, min(pipeline_threads(), len(multrun.dithers)))
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
             bad_pixels = None
@@ -514,7 +513,7 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
             return (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.uint32))
 
     # the last frame is resampled on every thread: nothing else is left to run beside it
-    last_threads = max(1, min(_THREADS, os.cpu_count() or 1))
+    last_threads = pipeline_threads()
 
     def one_frame(i, t, cards):
         """Write frame i's L1 product (pending) and resample it with transform t (None: not registered)."""
@@ -572,7 +571,7 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
     # before are written and resampled on two threads (I/O, numpy and scipy release
     # it); results are taken in frame order, so the stack does not depend on timing.
     failure = None
-    pool = ThreadPoolExecutor(max_workers=max(1, min(_THREADS, os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=pipeline_threads())
     inflight = collections.deque()
     try:
         for i in range(n):
