@@ -145,6 +145,40 @@ def test_sky_variance_is_the_mean_variance_of_the_contributing_frames(peers_only
         np.testing.assert_array_equal(first, again)
 
 
+@pytest.mark.parametrize("block_rows, chunk_rows", [(7, 5), (3, 5), (10, 5)])
+def test_sky_variance_sums_do_not_depend_on_the_split_or_on_who_builds_them(block_rows, chunk_rows,
+                                                                           monkeypatch):
+    """The sums of the sky variances are made on threads in blocks of rows (any block and
+    chunk size, a block not a whole number of chunks) and on first use or by
+    prepare_variances on another thread: the same bits as one block built eagerly."""
+    import threading
+
+    rng = np.random.default_rng(17)
+    frames = _random_frames(rng, 5, shape=(43, 29), nan_fraction=0.02)
+
+    def variances(prepare: bool):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = S.model_skies(frames, mask_sources=False)
+        if prepare:  # built on a thread while this one asks for the first frame
+            builder = threading.Thread(target=model.prepare_variances)
+            builder.start()
+            got = [model.sky_variance(i) for i in range(5)]
+            builder.join()
+        else:
+            got = [model.sky_variance(i) for i in range(5)]
+        return got
+
+    monkeypatch.setattr(S, "_VAR_ROWS", 64)
+    monkeypatch.setattr(S, "_VAR_BLOCK_ROWS", 10_000)
+    want = variances(False)
+    monkeypatch.setattr(S, "_VAR_ROWS", chunk_rows)
+    monkeypatch.setattr(S, "_VAR_BLOCK_ROWS", block_rows)
+    for prepare in (False, True):
+        for got, expect in zip(variances(prepare), want):
+            np.testing.assert_array_equal(got, expect)
+
+
 @pytest.mark.parametrize("chunk_rows", [64, 5])
 def test_subtracted_into_reused_planes_is_the_same_frame(chunk_rows, monkeypatch):
     """SkyModel.subtracted with out= (planes full of an earlier frame's values): the same

@@ -573,6 +573,10 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
     failure = None
     pool = ThreadPoolExecutor(max_workers=pipeline_threads())
     inflight = collections.deque()
+    if sky_done:
+        # the sums of the sky variances on a worker while this thread measures the first
+        # frame (a core would otherwise wait for sep); its product is the first to need them
+        pool.submit(model.prepare_variances)
     try:
         for i in range(n):
             t = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import warnings
 
 import bottleneck as bn
@@ -724,6 +725,7 @@ def _unpack_rows(packed, r0: int, r1: int) -> np.ndarray:
 
 
 _VAR_ROWS = 64  # rows of a sky variance computed at a time
+_VAR_BLOCK_ROWS = 8 * _VAR_ROWS  # rows of the variance sums one thread takes at a time
 
 
 def _zero_unless(keep, values, out=None, bits=None) -> np.ndarray:
@@ -749,34 +751,60 @@ class _SkyVariances:
     ``valid``: a function of the frame index and a row slice giving those rows
     of its bool plane (True = the frame contributes there); each plane is kept
     packed (eight pixels a byte along rows) once counted.  In row chunks.
+
+    The sums are made on first use (or by :meth:`build`), so that a caller can
+    have them made on a thread while it does other work; until then ``valid``
+    and the variance planes are kept.
     """
 
     def __init__(self, variances, valid, *, peers_only: bool, factor: float):
         self.variances = variances
         self.peers_only = peers_only and len(variances) > 1
         self.factor = np.float32(factor)
+        self._valid_rows = valid
+        self._lock = threading.Lock()
+        self.total = self.count = self.valid = None
+
+    def build(self) -> None:
+        """Make the sums over the frames (once; threads that ask meanwhile wait)."""
+        with self._lock:
+            if self.total is None:
+                self._build()
+                self._valid_rows = None
+
+    def _build(self) -> None:
+        variances, valid = self.variances, self._valid_rows
         ny, nx = np.shape(variances[0])
         total = np.zeros((ny, nx), dtype=np.float32)  # float32: a sum of a few dozen positive terms
         count = np.zeros((ny, nx), dtype=np.int16)
         self.valid = [np.empty((ny, (nx + 7) // 8), dtype=np.uint8) for _ in variances]
-        term = np.empty((_VAR_ROWS, nx), dtype=np.float32)
-        bits = np.empty((_VAR_ROWS, nx), dtype=np.int32)
-        for r in range(0, ny, _VAR_ROWS):
-            rows = slice(r, r + _VAR_ROWS)
-            for k, v in enumerate(variances):  # frame by frame per pixel, as a sum over the stack
-                ok = valid(k, rows)
-                total[rows] += _zero_unless(ok, v[rows], term, bits)
-                count[rows] += ok
-                self.valid[k][rows] = np.packbits(ok, axis=1)
+
+        def block(r0):
+            # rows r0 .. r0 + _VAR_BLOCK_ROWS - 1 (disjoint between threads), by row chunks
+            term = np.empty((_VAR_ROWS, nx), dtype=np.float32)
+            bits = np.empty((_VAR_ROWS, nx), dtype=np.int32)
+            for r in range(r0, min(ny, r0 + _VAR_BLOCK_ROWS), _VAR_ROWS):
+                rows = slice(r, min(r + _VAR_ROWS, r0 + _VAR_BLOCK_ROWS))
+                for k, v in enumerate(variances):  # frame by frame per pixel, as a sum over the stack
+                    ok = valid(k, rows)
+                    total[rows] += _zero_unless(ok, v[rows], term, bits)
+                    count[rows] += ok
+                    self.valid[k][rows] = np.packbits(ok, axis=1)
+
+        # numpy releases the GIL: blocks of rows on the machine's cores (the sum of each
+        # pixel is made in frame order whatever the split, so the result is the same)
+        thread_map(block, range(0, ny, _VAR_BLOCK_ROWS))
         self.total = total
         self.count = count
 
     def release(self, i: int) -> None:
+        self.build()  # the sums need every frame's variance
         self.variances[i] = None
 
     def __call__(self, i: int, variance=None, out=None) -> np.ndarray:
         """Sky variance of frame ``i``; ``variance``: the frame's own variance once released;
         ``out``: a float32 plane to write it into (else a new one).  In row chunks."""
+        self.build()
         own = self.variances[i] if variance is None else variance
         ny, nx = self.total.shape
         s = np.empty((ny, nx), dtype=np.float32) if out is None else out
@@ -977,6 +1005,11 @@ class SkyModel:
             return self._science[i]
         f = self.frames[i] if frame is None else frame
         return np.subtract(f.science, self.skies[i], dtype=np.float32)
+
+    def prepare_variances(self) -> None:
+        """Make the sums the sky variances come from now (else on the first
+        :meth:`sky_variance`): e.g. on a thread while the caller measures the first frame."""
+        self._sky_variances.build()
 
     def sky_variance(self, i: int, frame=None, out=None) -> np.ndarray:
         """The variance of sky ``i`` (float32), NaN holes filled like the sky.
