@@ -80,6 +80,24 @@ def test_product_round_trip(tmp_path):
         assert h["IM_SS_VAR"].header["CTYPE1"] == "RA---TAN"
 
 
+@pytest.mark.parametrize("high_bit, stored", [(None, np.uint16), (15, np.uint16), (16, np.uint32), (31, np.uint32)])
+def test_product_quality_plane_is_uint16_when_its_values_fit(tmp_path, high_bit, stored):
+    """Every DQ bit fits in 16 bits: the planes are written as uint16 (half the bytes);
+    a plane with a higher bit set keeps uint32.  The values read back are the same."""
+    assert max(int(b) for b in DQ) <= 0xFFFF
+    rng = np.random.default_rng(4)
+    dq = rng.integers(0, 1 << 14, size=(6, 7)).astype(np.uint32)
+    if high_bit is not None:
+        dq[2, 3] |= np.uint32(1 << high_bit)
+    f = Frame(np.zeros((6, 7), np.float32), np.ones((6, 7), np.float32), dq, fits.Header())
+    p = fitsio.write_product(tmp_path / "q.fits", fits.Header(), {"IM_NONSS": f})
+    with fits.open(p) as h:
+        got = h["IM_NONSS_DQ"].data
+        assert got.dtype == stored
+        np.testing.assert_array_equal(got.astype(np.uint64), dq.astype(np.uint64))
+    assert fitsio._quality_dtype(np.array([[-1, 3]], np.int32)) == np.uint32  # a negative value: not uint16
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int8])  # our writer; astropy's (int8)
 def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch, dtype):
     target = tmp_path / "product.fits"

@@ -419,8 +419,20 @@ def frame_hdus(frame, extname: str, *, with_planes: bool = True) -> list:
         hdus.append(fits.ImageHDU(_read_only(frame.variance, np.float32), header=vh, name=f"{extname}_VAR"))
         qh = fits.Header(wcs_header)
         qh["COMMENT"] = "data-quality bit flags, see ioi.frame.DQ"
-        hdus.append(fits.ImageHDU(_read_only(frame.quality, np.uint32), header=qh, name=f"{extname}_DQ"))
+        hdus.append(fits.ImageHDU(_read_only(frame.quality, _quality_dtype(frame.quality)), header=qh,
+                                  name=f"{extname}_DQ"))
     return hdus
+
+
+def _quality_dtype(quality):
+    """uint16 for a quality plane whose values fit (every bit of :class:`ioi.frame.DQ` does):
+    half the bytes of uint32 to write and store, the same values read back; else uint32."""
+    quality = np.asarray(quality)
+    if quality.size == 0:
+        return np.uint16
+    if quality.dtype.kind not in "ui" or int(quality.max()) > 0xFFFF:
+        return np.uint32
+    return np.uint16 if quality.dtype.kind == "u" or int(quality.min()) >= 0 else np.uint32
 
 
 _WCS_PREFIXES = ("CTYPE", "CRVAL", "CRPIX", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_")
