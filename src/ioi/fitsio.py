@@ -428,11 +428,10 @@ def _quality_dtype(quality):
     """uint16 for a quality plane whose values fit (every bit of :class:`ioi.frame.DQ` does):
     half the bytes of uint32 to write and store, the same values read back; else uint32."""
     quality = np.asarray(quality)
-    if quality.size == 0:
-        return np.uint16
-    if quality.dtype.kind not in "ui" or int(quality.max()) > 0xFFFF:
+    if quality.size and (quality.dtype.kind not in "ui" or int(quality.max()) > 0xFFFF
+                         or (quality.dtype.kind == "i" and int(quality.min()) < 0)):
         return np.uint32
-    return np.uint16 if quality.dtype.kind == "u" or int(quality.min()) >= 0 else np.uint32
+    return np.uint16
 
 
 _WCS_PREFIXES = ("CTYPE", "CRVAL", "CRPIX", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_")
