@@ -647,22 +647,29 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
         # k1 + 2, k1 = (count - 2) // 2 (clipped to 0 .. n - 1).
         k = (n - 2) // 2  # k1 where every frame is finite (the bulk of the pixels)
         g0, g1, g2 = (s[min(max(k + j, 0), n - 1)] for j in range(3))
-        partial = np.flatnonzero(count.reshape(-1) < n)
-        if partial.size:  # pixels with a missing frame: their g0, g1, g2 gathered
-            kp = count.reshape(-1)[partial] // 2 - 1
-            srt = np.stack([si.reshape(-1)[partial] for si in s])
-            cols = np.arange(partial.size)
-            g0, g1, g2 = (g.copy() for g in (g0, g1, g2))
-            for j, g in enumerate((g0, g1, g2)):
-                g.reshape(-1)[partial] = srt[np.clip(kp + j, 0, n - 1), cols]
-            del srt, cols, kp
+        partial = bool(count.min() < n)  # some pixel has a missing frame
+        if partial:
+            # Only where k1 = count // 2 - 1 is not the bulk's k do g0, g1, g2 lie
+            # elsewhere: those pixels' are gathered.  (For an odd n one missing frame,
+            # the commonest case with dithered source masks, leaves k1 = k.)
+            kp = count.reshape(-1) // 2 - 1
+            moved = np.flatnonzero(kp != k)
+            if moved.size:
+                kp = kp[moved]
+                srt = np.stack([si.reshape(-1)[moved] for si in s])
+                cols = np.arange(moved.size)
+                g0, g1, g2 = (g.copy() for g in (g0, g1, g2))
+                for j, g in enumerate((g0, g1, g2)):
+                    g.reshape(-1)[moved] = srt[np.clip(kp + j, 0, n - 1), cols]
+                del srt, cols
+            del kp, moved
             odd = (count & 1).astype(bool)
         else:
             odd = bool(n & 1)
         # The median of all count values: (g0 + g1) / 2, or g1 for an odd count.
-        every = np.add(_select(odd, g1, g0) if partial.size else (g1 if odd else g0), g1, dtype=np.float64)
+        every = np.add(_select(odd, g1, g0) if partial else (g1 if odd else g0), g1, dtype=np.float64)
         every *= 0.5
-        if partial.size:
+        if partial:
             every[count == 0] = np.nan
         if not peers_only:
             for i in range(n):
@@ -672,15 +679,15 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
         # s[k + 1].  With an even number (count - 1) of peers the median averages
         # those at k1 and k1 + 1, (a, b) below; with an odd number it is a alone,
         # which b also gives when it picks from (g0, g1) instead of (g1, g2).
-        h1 = _select(odd, g1, g0) if partial.size else (g1 if odd else g0)
-        h2 = _select(odd, g2, g1) if partial.size else (g2 if odd else g1)
+        h1 = _select(odd, g1, g0) if partial else (g1 if odd else g0)
+        h2 = _select(odd, g2, g1) if partial else (g2 if odd else g1)
         # the same two pairs for every frame: their bit differences once
         d01 = np.bitwise_xor(g0.view(np.int32), g1.view(np.int32))
         dh = np.bitwise_xor(h1.view(np.int32), h2.view(np.int32))
         a, b, mask = np.empty_like(g0), np.empty_like(g0), np.empty(g0.shape, np.int32)
         less = np.empty(g0.shape, bool)
         med = np.empty(g0.shape, dtype=np.float64)
-        lonely = count.reshape(-1) <= 1 if partial.size else None  # the one finite frame has no peer
+        lonely = count.reshape(-1) <= 1 if partial else None  # the one finite frame has no peer
         if lonely is not None and not lonely.any():
             lonely = None
         for i in range(n):
@@ -691,7 +698,7 @@ def _median_skies(planes: _Planes, levels: np.ndarray, *, peers_only: bool,
             med *= 0.5
             sky = skies[i][rows]
             np.add(med, levels[i], out=sky)
-            if partial.size:
+            if partial:
                 sky = sky.reshape(-1)
                 miss = np.flatnonzero(~fins[i].reshape(-1))  # frame i missing: all count values are its peers
                 sky[miss] = every.reshape(-1)[miss] + levels[i]
