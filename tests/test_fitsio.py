@@ -98,6 +98,23 @@ def test_product_quality_plane_is_uint16_when_its_values_fit(tmp_path, high_bit,
     assert fitsio._quality_dtype(np.array([[-1, 3]], np.int32)) == np.uint32  # a negative value: not uint16
 
 
+def test_quality_plane_written_from_a_view_is_the_file_of_a_uint16_copy(tmp_path):
+    """A uint32 quality plane goes to the writer as a view of its low halves (no copy):
+    the file is byte for byte the one written from a uint16 copy, and the caller's plane
+    is untouched."""
+    rng = np.random.default_rng(8)
+    dq = rng.integers(0, 1 << 14, size=(300, 37)).astype(np.uint32)  # several writer chunks
+    before = dq.copy()
+    sci, var = np.zeros((300, 37), np.float32), np.ones((300, 37), np.float32)
+    a = fitsio.write_product(tmp_path / "a.fits", fits.Header(), {"IM": Frame(sci, var, dq, fits.Header())})
+    b = fitsio.write_product(tmp_path / "b.fits", fits.Header(),
+                             {"IM": Frame(sci, var, dq.astype(np.uint16), fits.Header())})
+    assert a.read_bytes() == b.read_bytes()
+    np.testing.assert_array_equal(dq, before)
+    view = fitsio._quality_plane(dq)
+    assert view.dtype == np.uint16 and np.shares_memory(view, dq) and not view.flags.writeable
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int8])  # our writer; astropy's (int8)
 def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch, dtype):
     target = tmp_path / "product.fits"
