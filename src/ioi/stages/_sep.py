@@ -64,18 +64,19 @@ def extract(data, thresh, **kw):
         return sep.extract(data, thresh, **kw)
 
 
-def segment(data, bad, *, thresh: float, minarea: int, deblend: bool):
+def segment(data, bad, *, thresh: float, minarea: int, deblend: bool, sky_subtracted: bool = False):
     """Sources of ``data`` (float32, C-contiguous, 0 at ``bad``; changed in place) above
     ``thresh`` x the background rms, after subtracting sep's mesh background.
 
     Returns ``(objects, segmented)``: a :data:`SOURCE_DTYPE` array in ``data``'s
     pixels (sep's order) and the bool plane of pixels in a source.  ``deblend``:
     sep's 32 deblending levels (a source list); else one (a mask, 3x faster).
+    ``sky_subtracted``: the residual background on a 2x2 subsample, as in
+    :func:`measure` (for a 1020^2 frame 27 -> 9 ms, the rms within 0.1 %).
     """
-    bkg = sep.Background(data, mask=bad)
-    data -= bkg.back()
+    rms = _subtract_background(data, bad, sky_subtracted)
     data[bad] = 0.0
-    objs, seg = extract(data, thresh, err=bkg.globalrms, mask=bad, minarea=minarea,
+    objs, seg = extract(data, thresh, err=rms, mask=bad, minarea=minarea,
                         segmentation_map=True, deblend_nthresh=32 if deblend else 1)
     found = np.zeros(len(objs), dtype=SOURCE_DTYPE)
     for name in ("x", "y", "a", "flux"):

@@ -884,6 +884,8 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     sources worth masking are several pixels wide, a binned image has
     ``binning``^2 fewer pixels to segment (sep's cost), and the mask is
     expanded back to the full-resolution ``shape``.  NaN pixels are ignored.
+    ``image`` is expected sky-subtracted (the first pass's residual): sep's
+    background of what is left is estimated on a 2x2 subsample.
     ``sources=True``: also return the sources (deblended), a structured array
     ``x``, ``y``, ``a`` (full-resolution pixels) and ``flux``, brightest first.
     ``offload``: how the sep calls are run (``ioi._sideproc.SideProcesses.call``:
@@ -903,8 +905,9 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     # surface-brightness limit of a full-resolution detection at ``sigma``
     # a mask needs no deblending (3x faster with one threshold level); a source
     # list for the registration does
+    # the image is sky-subtracted (a first pass): only a smooth residual background is left
     objs, mask = offload(_sep.segment, data, bad, thresh=sigma * b, minarea=max(2, 5 // (b * b)),
-                         deblend=sources)
+                         deblend=sources, sky_subtracted=True)
     del data, bad
     grow = int(dilate) // b  # dilation in binned pixels (the blocks add up to b - 1 more)
     if grow > 0:
