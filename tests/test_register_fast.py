@@ -189,6 +189,32 @@ def test_sky_subtracted_detection_matches_full_background():
     assert abs(len(a) - len(b)) <= 0.05 * len(a)
 
 
+@pytest.mark.parametrize("side, step", [(2040, 4), (1020, 2)])
+def test_residual_background_on_a_subsample_removes_a_smooth_background(side, step):
+    """A sky-subtracted frame's residual background, estimated on every ``step``-th pixel
+    (4 on a full frame, 2 on a 2x2 binned one), is subtracted from every pixel of its
+    block: what is left is the noise, with the right rms, wherever in the frame."""
+    from ioi.stages import _sep
+
+    assert (4 if side // 4 >= _sep._BACKGROUND_MIN_SIDE else 2) == step
+    rng = np.random.default_rng(side)
+    yy, xx = np.mgrid[:side, :side].astype(np.float32) / side
+    residual = 6.0 * xx - 4.0 * yy + 3.0 * np.sin(3.0 * xx)  # smooth, several sigma across
+    data = (residual + rng.normal(0.0, 2.0, (side, side))).astype(np.float32)
+    bad = np.zeros(data.shape, dtype=bool)
+    bad[100:140, 200:260] = True  # masked pixels are left out of the background
+    data[bad] = 0.0
+    rms = _sep._subtract_background(data, bad, sky_subtracted=True)
+    assert rms == pytest.approx(2.0, rel=0.02)
+    for oy in range(step):  # every pixel of the blocks, not only the sampled ones
+        for ox in range(step):
+            left = data[oy::step, ox::step][~bad[oy::step, ox::step]]
+            assert abs(float(np.mean(left))) < 0.05
+            assert float(np.std(left)) == pytest.approx(2.0, rel=0.03)
+    edge = data[-64:, -64:]  # a corner (the mesh interpolation's extrapolation)
+    assert abs(float(np.mean(edge))) < 0.3
+
+
 def test_centroids_from_guesses_match_full_detection():
     """Starting positions from elsewhere (the sky stage's 2x2 block-mean detections) give the
     same stars at the same centroids as sep's own extraction, and the transform is as good."""

@@ -71,8 +71,8 @@ def segment(data, bad, *, thresh: float, minarea: int, deblend: bool, sky_subtra
     Returns ``(objects, segmented)``: a :data:`SOURCE_DTYPE` array in ``data``'s
     pixels (sep's order) and the bool plane of pixels in a source.  ``deblend``:
     sep's 32 deblending levels (a source list); else one (a mask, 3x faster).
-    ``sky_subtracted``: the residual background on a 2x2 subsample, as in
-    :func:`measure` (for a 1020^2 frame 27 -> 9 ms, the rms within 0.1 %).
+    ``sky_subtracted``: the residual background on a subsample, as in
+    :func:`measure` (a 1020^2 binned frame: 2x2, 27 -> 9 ms, the rms within 0.1 %).
     """
     rms = _subtract_background(data, bad, sky_subtracted)
     data[bad] = 0.0
@@ -84,24 +84,33 @@ def segment(data, bad, *, thresh: float, minarea: int, deblend: bool, sky_subtra
     return found, seg > 0
 
 
+#: Fewest pixels on the shorter side of the subsample a residual background is estimated on.
+_BACKGROUND_MIN_SIDE = 500
+
+
 def _subtract_background(data, bad, sky_subtracted: bool) -> float:
     """Subtract sep's mesh background from ``data`` (float32, in place); return the global rms.
 
     ``sky_subtracted``: only a small, slowly varying residual is left, so the
-    background (64 px meshes, as on the full frame) is estimated on every other
-    pixel in each axis -- 4x less work for sep -- and each subsampled value is
-    subtracted from its 2x2 block.  The per-pixel rms is that of the full frame.
+    background (64 px meshes, as on the full frame) is estimated on every 4th
+    pixel in each axis -- every 2nd where that would leave fewer than
+    :data:`_BACKGROUND_MIN_SIDE` pixels on a side (a 2x2 binned frame) -- and
+    each subsampled value is subtracted from its block.  The per-pixel rms is
+    that of the full frame.  Measured on a 9-dither simulated multrun (2040^2):
+    sep's part 33 -> 16 ms a frame with 4 instead of 2, the rms within 0.1 %, the
+    registration's error against the simulation's truth unchanged (0.004 px rms).
     """
     if not sky_subtracted:
         bkg = sep.Background(data, mask=bad)
         data -= bkg.back()
         return float(bkg.globalrms)
-    bkg = sep.Background(np.ascontiguousarray(data[::2, ::2]), mask=np.ascontiguousarray(bad[::2, ::2]),
-                         bw=32, bh=32)
+    step = 4 if min(data.shape) // 4 >= _BACKGROUND_MIN_SIDE else 2
+    bkg = sep.Background(np.ascontiguousarray(data[::step, ::step]), mask=np.ascontiguousarray(bad[::step, ::step]),
+                         bw=64 // step, bh=64 // step)
     back = bkg.back()
-    for oy in (0, 1):
-        for ox in (0, 1):
-            view = data[oy::2, ox::2]
+    for oy in range(step):
+        for ox in range(step):
+            view = data[oy::step, ox::step]
             view -= back[:view.shape[0], :view.shape[1]]
     return float(bkg.globalrms)
 

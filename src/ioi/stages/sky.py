@@ -885,7 +885,8 @@ def _detect_source_mask(image: np.ndarray, *, sigma: float, dilate: int, binning
     ``binning``^2 fewer pixels to segment (sep's cost), and the mask is
     expanded back to the full-resolution ``shape``.  NaN pixels are ignored.
     ``image`` is expected sky-subtracted (the first pass's residual): sep's
-    background of what is left is estimated on a 2x2 subsample.
+    background of what is left is estimated on a subsample (see
+    :func:`ioi.stages._sep._subtract_background`).
     ``sources=True``: also return the sources (deblended), a structured array
     ``x``, ``y``, ``a`` (full-resolution pixels) and ``flux``, brightest first.
     ``offload``: how the sep calls are run (``ioi._sideproc.SideProcesses.call``:
