@@ -1,6 +1,8 @@
 """Registration fast paths: separable SHIFT resampling, sparse bad-pixel fill, translation vote,
 cheaper background for sky-subtracted frames -- each against the general method it replaces."""
 
+import math
+
 import numpy as np
 import pytest
 from _field_synth import make_field, similarity
@@ -81,20 +83,23 @@ def test_separable_shift_matches_ndimage_shift(order, bad_fraction, shape, chunk
             np.testing.assert_allclose(out.variance[use], var[use], rtol=1e-5)
 
 
-def test_row_wise_cubic_prefilter_equals_ndimage_inside_the_padding():
-    """The hand-written prefilter along axis 0 (x 6, its gain) against ndimage's, on an
-    edge-padded frame: equal to float32 rounding beyond the first and last few rows."""
-    rng = np.random.default_rng(8)
-    data = rng.normal(100.0, 10.0, (70, 33)).astype(np.float32)
-    data[20, 5] = 3e4  # a sharp peak
-    pad = R._SPLINE_PAD
-    p = np.pad(data, pad, mode="edge")
-    want = ndimage.spline_filter1d(p.astype(np.float64), 3, axis=0, mode="nearest")
-    got = p.copy()
-    R._cubic_prefilter_axis0(got)
-    got = got.astype(np.float64) * 6.0
-    inner = slice(pad - 4, -(pad - 4))  # the interpolation reads at most 2 rows into the padding
-    np.testing.assert_allclose(got[inner], want[inner], rtol=2e-6, atol=2e-4)
+@pytest.mark.parametrize("d", [0.0, 0.5, -0.5, 0.37, -4.62, 12.999, 63.0])
+def test_cubic_kernel_is_ndimage_prefilter_and_taps_in_one(d):
+    """The cubic shift as one truncated kernel over the edge-extended signal: ndimage's
+    prefiltered cubic interpolation (mode="nearest") to float64 rounding and the
+    truncation (|z|^14), at the edges too; its weights sum to 1 (a constant stays)."""
+    rng = np.random.default_rng(5)
+    s = rng.normal(100.0, 10.0, 150)
+    s[40] = 3e4  # a sharp peak
+    first, g = R._cubic_kernel(d)
+    assert g.size == 2 * R._CUBIC_RADIUS + 2
+    assert g.sum() == pytest.approx(1.0, abs=1e-12)
+    want = ndimage.shift(s, -d, order=3, mode="nearest")
+    pad = R._CUBIC_PAD + abs(math.floor(d))
+    ext = np.pad(s, pad, mode="edge")
+    inside = [i for i in range(s.size) if -0.5 <= i + d <= s.size - 0.5]
+    got = [sum(w * ext[i + first + k + pad] for k, w in enumerate(g)) for i in inside]
+    np.testing.assert_allclose(got, want[inside], rtol=0, atol=3e4 * 1e-7)
 
 
 @pytest.mark.parametrize("order", [3, 1])
