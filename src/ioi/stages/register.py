@@ -370,7 +370,7 @@ _CUBIC_POLE = math.sqrt(3.0) - 2.0  # the cubic B-spline prefilter's pole, z = -
 #: ``|z|^k`` (``|z|^14 = 1e-8``), below float32's resolution of the values they weigh.
 _CUBIC_RADIUS = 14
 #: Edge padding of the frame a cubic shift reads (the kernel's reach, plus the rounding
-#: of the shift and one more): what ``ndimage.shift(mode="nearest")`` extends the edges by.
+#: of the shift and one more), by edge replication as ``ndimage.shift(mode="nearest")``.
 _CUBIC_PAD = _CUBIC_RADIUS + 2
 _X_BLOCK = 64  # output columns of one windowed product along x
 
@@ -587,8 +587,6 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     pad = _CUBIC_PAD if order == 3 else _FILL_BOX // 2  # the fill's boxes need a border too
     p = _filled_padded(science_in, bad, pad, scratch)  # finite everywhere: a product sums every entry
     threads = max(1, int(threads))
-    fy, wy = _axis_taps(shift[0], order)
-    fx, wx = _axis_taps(shift[1], order)
     if order == 3:
         fy, gy = _cubic_kernel(shift[0])
         fx, gx = _cubic_kernel(shift[1])
@@ -601,6 +599,9 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
         x_first = cols.start + fx + pad  # column of p the first window starts at
         x_width = (nblocks - 1) * _X_BLOCK + x_reach  # columns the windows span
         x_avail = min(x_width, p.shape[1] - x_first)  # the rest (beyond every kept weight): 0
+    else:
+        fy, wy = _axis_taps(shift[0], order)
+        fx, wx = _axis_taps(shift[1], order)
     # variance: linear, bad pixels 0 (their weight is divided out below)
     (vfy, vwy), (vfx, vwx) = _axis_taps(shift[0], 1), _axis_taps(shift[1], 1)
     qfy, _ = _axis_taps(shift[0], 0)
@@ -615,8 +616,8 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
             n = b - a
             t = np.empty((n, x_width), dtype=np.float32)
             t[:, x_avail:] = 0.0
-            np.matmul(band_y[:n, :n + gy.size - 1], p[a + fy + pad:b + fy + pad + gy.size - 1, x_first:x_first + x_avail],
-                      out=t[:, :x_avail])
+            window_rows = slice(a + fy + pad, b + fy + pad + gy.size - 1)
+            np.matmul(band_y[:n, :n + gy.size - 1], p[window_rows, x_first:x_first + x_avail], out=t[:, :x_avail])
             windows = np.lib.stride_tricks.as_strided(t, shape=(n, nblocks, x_reach),
                                                       strides=(t.strides[0], _X_BLOCK * t.itemsize, t.itemsize),
                                                       writeable=False)
