@@ -124,12 +124,13 @@ def test_interrupted_write_leaves_no_product(tmp_path, monkeypatch, dtype):
             fh.write(b"SIMPLE  =                    T" + b" " * 100)  # a partial file
         raise KeyboardInterrupt("simulated interruption")
 
-    def broken_streamed(fh, hdul):
-        fh.write(b"SIMPLE  =                    T" + b" " * 100)
+    def broken_streamed(path, hdul):
+        with open(path, "wb") as fh:
+            fh.write(b"SIMPLE  =                    T" + b" " * 100)
         raise KeyboardInterrupt("simulated interruption")
 
     monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)
-    monkeypatch.setattr(fitsio, "_write_streamed", broken_streamed)
+    monkeypatch.setattr(fitsio, "_write_streamed_to", broken_streamed)
     with pytest.raises(KeyboardInterrupt):
         fitsio.write_image(target, np.zeros((4, 4), dtype))
     assert not target.exists()

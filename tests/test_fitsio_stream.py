@@ -195,7 +195,8 @@ def test_product_same_bytes_as_astropy(tmp_path, monkeypatch, shape):
     assert _ours(tmp_path, restamped, monkeypatch) == _reference(restamped) == ours
 
 
-def test_input_arrays_are_never_changed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct", [False, True], ids=["page cache", "direct I/O"])
+def test_input_arrays_are_never_changed(tmp_path, monkeypatch, direct):
     """Writeable native arrays (which astropy byte-swaps in place and back while writing
     them) and read-only ones: same values and flags after the write, and at every write
     to the file (what another thread reading them meanwhile would see)."""
@@ -207,13 +208,22 @@ def test_input_arrays_are_never_changed(tmp_path, monkeypatch):
     arrays = list(writeable.items()) + list(read_only.items())
     seen = []
 
-    class SpyFile(io.FileIO):
-        def write(self, b):
-            seen.append(all(np.array_equal(a.view(np.uint8), snapshots[dt].view(np.uint8)) for dt, a in arrays))
-            return super().write(b)
+    def unchanged():
+        return all(np.array_equal(a.view(np.uint8), snapshots[dt].view(np.uint8)) for dt, a in arrays)
 
-    monkeypatch.setattr(fitsio, "open", lambda path, mode: SpyFile(path, mode), raising=False)
-    monkeypatch.setattr(fitsio, "_CHUNK_BYTES", 1024)  # many writes per array
+    if direct:
+        real_write = fitsio._DirectFile._write
+        monkeypatch.setattr(fitsio._DirectFile, "_write", lambda self, b: seen.append(unchanged()) or real_write(self, b))
+        monkeypatch.setattr(fitsio, "_DIRECT_BYTES", 4096)  # many writes per array
+    else:
+        class SpyFile(io.FileIO):
+            def write(self, b):
+                seen.append(unchanged())
+                return super().write(b)
+
+        monkeypatch.setenv("IOI_DIRECT_IO", "0")
+        monkeypatch.setattr(fitsio, "open", lambda path, mode: SpyFile(path, mode), raising=False)
+        monkeypatch.setattr(fitsio, "_CHUNK_BYTES", 1024)  # many writes per array
     stop, changed = threading.Event(), []
 
     def reader():
@@ -229,7 +239,7 @@ def test_input_arrays_are_never_changed(tmp_path, monkeypatch):
     finally:
         stop.set()
         thread.join()
-    assert len(seen) > 100 and all(seen)
+    assert len(seen) > 50 and all(seen)
     assert changed == []
     for dt, a in writeable.items():
         assert a.flags.writeable and a.dtype == np.dtype(dt)
@@ -339,3 +349,78 @@ def test_commit_sets_an_older_file_aside_for_deletion_later(tmp_path):
     none = []
     fresh.commit(none)
     assert none == [] and (tmp_path / "new.fits").exists()
+
+
+def _direct_io_works(directory) -> bool:
+    import os
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.parametrize("block_bytes", [4096, 3 * 4096, 1 << 22])
+def test_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, block_bytes):
+    """Direct writes: whole aligned blocks, the last one padded and the file truncated
+    back to its length; headers and data across block boundaries."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    used = []
+    real_finish = fitsio._DirectFile.finish
+    monkeypatch.setattr(fitsio._DirectFile, "finish", lambda self: used.append(1) or real_finish(self))
+    monkeypatch.setattr(fitsio, "_DIRECT_BYTES", block_bytes)
+    for shape, dtype in [((301, 257), "float32"), ((45, 32), "int16"), ((2040, 3), "uint32"), ((0, 4), "float64")]:
+        data = _bits(shape, dtype, seed=len(used))
+        make = lambda: fits.HDUList([fits.PrimaryHDU(header=_long_header()), fits.ImageHDU(data, name="SCI"),
+                                     fits.ImageHDU(data[::-1, ::2], name="VIEW")])  # noqa: E731
+        _assert_same_file(tmp_path, make, monkeypatch)
+    assert len(used) == 4
+
+
+def test_direct_io_refused_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT at open, or at the first write (EINVAL):
+    the same file, written through the page cache."""
+    import errno
+    import os
+
+    data = _bits((100, 70), "float32", seed=5)
+    make = lambda: fits.HDUList([fits.PrimaryHDU(data), fits.ImageHDU(_bits((100, 70), "uint16", seed=6))])  # noqa: E731
+    real_open = os.open
+
+    def refusing_open(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(fitsio.os, "open", refusing_open)
+        _assert_same_file(tmp_path, make, monkeypatch)
+    if not _direct_io_works(tmp_path):
+        return
+    real_write = os.write
+    refused = []
+
+    def refusing_write(fd, b):
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(1)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(fitsio.os, "write", refusing_write)
+        _assert_same_file(tmp_path, make, monkeypatch)
+    assert refused == [1]
+
+
+def test_direct_io_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("IOI_DIRECT_IO", "0")
+    monkeypatch.setattr(fitsio, "_DirectFile", None)  # would fail if used
+    _assert_same_file(tmp_path, lambda: fits.HDUList([fits.PrimaryHDU(_bits((20, 30), "int32"))]), monkeypatch)

@@ -10,6 +10,7 @@ leaves a half-written product.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -322,11 +323,63 @@ def _row_chunks(array, max_bytes):
         yield array[start:start + step]
 
 
+class _Sink:
+    """Bytes to a file through one buffer: headers are copied in, image data are
+    converted straight into it (:meth:`put_items`), and ``write`` receives each full
+    buffer (a partial one at :meth:`close`).  ``pos`` is always a multiple of the
+    item size being written: headers and padded data are multiples of 2880 bytes."""
+
+    def __init__(self, write, buffer: np.ndarray):
+        self._write, self.buf = write, buffer
+        self.pos = 0  # bytes of buf filled
+        self.total = 0  # bytes handed to write so far
+
+    def flush(self) -> None:
+        if self.pos:
+            self._write(self.buf[:self.pos])
+            self.total += self.pos
+            self.pos = 0
+
+    def put_bytes(self, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self.buf.size - self.pos)
+            self.buf[self.pos:self.pos + n] = np.frombuffer(view[:n], np.uint8)
+            self.pos += n
+            view = view[n:]
+            if self.pos == self.buf.size:
+                self.flush()
+
+    def put_items(self, flat: np.ndarray, stored, sign=None) -> None:
+        """The 1-d array ``flat`` as items of dtype ``stored`` (big-endian), with the
+        top bit of each item flipped where ``sign`` (a native item) is given."""
+        size = stored.itemsize
+        i = 0
+        while i < flat.size:
+            n = min(flat.size - i, (self.buf.size - self.pos) // size)
+            if n == 0:
+                self.flush()
+                continue
+            raw = self.buf[self.pos:self.pos + n * size]
+            np.copyto(raw.view(stored), flat[i:i + n])  # the byte swap
+            if sign is not None:
+                items = raw.view(sign.dtype)
+                np.bitwise_xor(items, sign, out=items)
+            self.pos += n * size
+            i += n
+            if self.pos == self.buf.size:
+                self.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
 def _write_streamed(fh, hdul) -> None:
-    """Write the HDUs accepted by :func:`_prepare_streamed` to the open binary file ``fh``."""
-    buffer = np.empty(_CHUNK_BYTES, np.uint8)
+    """Write the HDUs accepted by :func:`_prepare_streamed` to ``fh``: an open binary
+    file (through a buffer of ``_CHUNK_BYTES``) or a :class:`_Sink`."""
+    sink = fh if isinstance(fh, _Sink) else _Sink(fh.write, np.empty(max(8, _CHUNK_BYTES), np.uint8))
     for hdu in hdul:
-        fh.write(hdu.header.tostring().encode("ascii"))  # padded to 2880 with END
+        sink.put_bytes(hdu.header.tostring().encode("ascii"))  # padded to 2880 with END
         data = hdu.data
         if data is None or data.size == 0:
             continue
@@ -337,14 +390,101 @@ def _write_streamed(fh, hdul) -> None:
             # bytes, the top bit of each item's first byte; ``sign`` is that bit pattern
             # read as a native unsigned integer, to flip it with one XOR over whole items
             sign = np.frombuffer(b"\x80".ljust(data.dtype.itemsize, b"\0"), dtype=data.dtype.newbyteorder("="))[0]
-        for chunk in _row_chunks(data, _CHUNK_BYTES):
-            raw = buffer[:chunk.nbytes]
-            np.copyto(raw.view(big_endian).reshape(chunk.shape), chunk)  # the byte swap
-            if sign is not None:
-                items = raw.view(sign.dtype)
-                np.bitwise_xor(items, sign, out=items)
-            fh.write(raw)
-        fh.write(bytes(-data.nbytes % _BLOCK))  # zero padding to the block size
+        if data.flags.c_contiguous:
+            sink.put_items(data.reshape(-1), big_endian, sign)
+        else:  # a view: converted a few rows at a time (no full-size copy)
+            for chunk in _row_chunks(data, _CHUNK_BYTES):
+                sink.put_items(np.ascontiguousarray(chunk).reshape(-1), big_endian, sign)
+        sink.put_bytes(bytes(-data.nbytes % _BLOCK))  # zero padding to the block size
+    if sink is not fh:
+        sink.close()  # a sink given is finished by its owner
+
+
+# Direct I/O (Linux O_DIRECT): the products bypass the page cache.  A buffered write
+# copies every byte into page-cache pages the kernel must first find (and, on a
+# virtual machine whose host has taken back the guest's free memory, fault in from
+# the host): on the benchmark machine (2-core KVM, 2026-12-04) 0.4-1.8 s of system
+# CPU per GB, against 0.05 s for O_DIRECT, whose wait for the disk costs no CPU.  The
+# data go out in aligned blocks from an aligned buffer; the last block is padded and
+# the file truncated to its length.  Where the file system refuses O_DIRECT (EINVAL),
+# or IOI_DIRECT_IO=0, the file is written through the page cache as before.  No
+# maintained FITS library writes with O_DIRECT.
+_DIRECT_ALIGN = 4096  # the largest logical block size of common disks
+_DIRECT_BYTES = 4 << 20  # bytes per direct write
+_DIRECT_BUFFERS = threading.local()  # one aligned buffer per writing thread, reused
+
+
+def _direct_io_wanted() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get("IOI_DIRECT_IO", "1").strip() not in ("0", "no", "false")
+
+
+class _DirectFile:
+    """Writes whole aligned blocks to ``fd`` (opened with O_DIRECT) from an aligned
+    buffer; :meth:`finish` pads the last block, then truncates the file to the bytes
+    given.  If the kernel refuses a direct write (EINVAL), O_DIRECT is switched off
+    on the descriptor and the rest is written through the page cache."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        buf = getattr(_DIRECT_BUFFERS, "buf", None)
+        if buf is None or buf.size != _DIRECT_BYTES:
+            import mmap  # an anonymous mapping is page aligned
+
+            buf = _DIRECT_BUFFERS.buf = np.frombuffer(mmap.mmap(-1, _DIRECT_BYTES), np.uint8)
+        self.sink = _Sink(self._write, buf)
+
+    def _write(self, block: np.ndarray) -> None:
+        view = memoryview(block)
+        while len(view):
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._buffered():
+                    raise
+                continue
+            view = view[n:]
+
+    def _buffered(self) -> bool:
+        """Switch O_DIRECT off; False if it was not on."""
+        import fcntl  # POSIX only, as O_DIRECT is
+
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
+
+    def finish(self) -> None:
+        sink = self.sink
+        length = sink.total + sink.pos
+        pad = -sink.pos % _DIRECT_ALIGN
+        sink.buf[sink.pos:sink.pos + pad] = 0
+        sink.pos += pad
+        sink.flush()
+        if pad:
+            os.ftruncate(self.fd, length)
+
+
+def _write_streamed_to(path, hdul) -> None:
+    """:func:`_write_streamed` into the file at ``path`` (created, empty), with direct
+    I/O where the system allows it."""
+    fd = -1
+    if _direct_io_wanted():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    if fd < 0:
+        with open(path, "wb") as fh:
+            _write_streamed(fh, hdul)
+        return
+    try:
+        direct = _DirectFile(fd)
+        _write_streamed(direct.sink, hdul)
+        direct.finish()
+    finally:
+        os.close(fd)
 
 
 def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False, pending: bool = False,
@@ -371,8 +511,7 @@ def write_fits_atomic(path, hdul: fits.HDUList, *, overwrite: bool = False, pend
         # mkstemp makes the file private (0600); a product gets the usual mode under the umask
         os.chmod(tmp, 0o666 & ~_UMASK)
         if not checksum and _prepare_streamed(hdul):
-            with open(tmp, "wb") as fh:
-                _write_streamed(fh, hdul)
+            _write_streamed_to(tmp, hdul)
         else:
             hdul.writeto(tmp, overwrite=True, output_verify="silentfix", checksum=checksum)
         written = PendingFile(tmp, path)
