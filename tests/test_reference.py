@@ -187,6 +187,21 @@ def test_strip_border_returns_a_copy_of_the_science_area():
     assert a.min() == 0
 
 
+def test_read_noise_of_reads_is_that_of_their_difference():
+    """The difference over the reference pixels only: the same float32 differences, so the
+    same estimate to the bit, with NaNs and hot reference pixels among them."""
+    rng = np.random.default_rng(12)
+    a = rng.normal(1000.0, 15.0, (70, 90)).astype(np.float32)
+    b = (a + rng.normal(3.0, 21.0, a.shape)).astype(np.float32)
+    a[1, 5], b[50, 2], b[2, 40] = np.nan, np.inf, 9e4
+    assert reference.read_noise_of_reads(a, b, border=4) == estimate_read_noise(b - a, border=4)
+    assert reference.read_noise_of_reads(a, b, border=3) == estimate_read_noise(b - a, border=3)
+    with pytest.raises(IoiError, match="shapes"):
+        reference.read_noise_of_reads(a, b[:, :-1])
+    with pytest.raises(IoiError, match="border"):
+        reference.read_noise_of_reads(a[:8], b[:8], border=4)
+
+
 def test_estimate_read_noise_recovers_injected_noise():
     rng = np.random.default_rng(11)
     rn, ny, nx = 15.0, 256, 256

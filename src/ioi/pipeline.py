@@ -264,7 +264,7 @@ def process_dither(seq: DitherSequence, pipe: PipelineConfig, cal: Calibration, 
         if fc.read_noise > 0:
             read_noise = fc.read_noise
         elif ramp.nreads >= 2:
-            read_noise = reference.estimate_read_noise(reads[1] - reads[0], border=BORDER)
+            read_noise = reference.read_noise_of_reads(reads[0], reads[1], border=BORDER)
         else:
             read_noise = 17.0
         header = shift_wcs_for_border(ramp.header)

@@ -301,16 +301,41 @@ def estimate_read_noise(difference, *, border: int = 4) -> float:
         noise of a difference into the noise of one read.
     """
     diff = np.asarray(difference)
-    if diff.ndim != 2 or border < 2 or min(diff.shape) <= 2 * border:
-        raise StageError(f"estimate_read_noise needs a (ny, nx) frame with a border of {border}; got {diff.shape}")
-    ny, nx = diff.shape
-    # the reference pixels only, each once, without a full-frame mask or copy:
-    # the reference rows over every column but the outermost, then the
-    # reference columns over the rows in between
+    _check_reference_frame(diff.shape, border, "estimate_read_noise")
+    values = np.concatenate([p.ravel() for p in _reference_parts(diff, border)]).astype(np.float64)
+    return _read_noise_of(values)
+
+
+def read_noise_of_reads(earlier, later, *, border: int = 4) -> float:
+    """:func:`estimate_read_noise` of ``later - earlier`` (two reference-corrected reads,
+    border still present), the difference taken over the reference pixels only (no
+    frame-sized difference is made).  Same float32 differences, same result."""
+    a, b = np.asarray(earlier), np.asarray(later)
+    if a.shape != b.shape:
+        raise StageError(f"read_noise_of_reads: reads of shapes {a.shape} and {b.shape}")
+    _check_reference_frame(a.shape, border, "read_noise_of_reads")
+    values = np.concatenate([np.subtract(pb, pa).ravel()
+                             for pa, pb in zip(_reference_parts(a, border), _reference_parts(b, border))])
+    return _read_noise_of(values.astype(np.float64))
+
+
+def _check_reference_frame(shape, border: int, what: str) -> None:
+    if len(shape) != 2 or border < 2 or min(shape) <= 2 * border:
+        raise StageError(f"{what} needs a (ny, nx) frame with a border of {border}; got {tuple(shape)}")
+
+
+def _reference_parts(frame: np.ndarray, border: int) -> list:
+    """The reference pixels of ``frame`` used for the correction, each once, as views (no
+    full-frame mask or copy): the reference rows over every column but the outermost,
+    then the reference columns over the rows in between."""
+    ny, nx = frame.shape
     bottom, top = _reference_rows(ny, border)
-    parts = [diff[bottom, 1:-1], diff[top, 1:-1],
-             diff[border : ny - border, 1:border], diff[border : ny - border, nx - border : nx - 1]]
-    values = np.concatenate([p.ravel() for p in parts]).astype(np.float64)
+    return [frame[bottom, 1:-1], frame[top, 1:-1],
+            frame[border : ny - border, 1:border], frame[border : ny - border, nx - border : nx - 1]]
+
+
+def _read_noise_of(values: np.ndarray) -> float:
+    """``1.4826 * MAD / sqrt(2)`` of the finite ``values`` (float64 read differences)."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         raise StageError("no finite reference pixels to estimate the read noise from")
