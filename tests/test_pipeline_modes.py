@@ -150,3 +150,34 @@ def test_calibrated_frames_do_not_share_the_reused_ramp_buffers(sims, tmp_path, 
     pipeline.process_dither(multrun.dithers[1], pipe, cal, run, tmp_path, multrun.name)  # reuses them
     for plane, b in zip((frame.science, frame.variance, frame.quality), before):
         np.testing.assert_array_equal(plane, b)
+
+
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
+@pytest.mark.parametrize("broken_raw", [False, True])
+def test_a_missing_calibration_file_is_reported_before_any_dither(sims, tmp_path, broken_raw):
+    """The calibration is read while the first dithers are: its error (a missing flat,
+    exit 21) still comes first, also when a raw file is unreadable too, and no product
+    is written."""
+    import dataclasses
+    import shutil
+
+    from ioi.errors import ExitCode, IoiError
+
+    sim = sims["fowler32"]
+    pipe, paths = load_settings(pipeline_ini=sim.pipeline_ini, paths_ini=sim.paths_ini)
+    paths = dataclasses.replace(paths, flat_coeff_filename="no_such_flat.fits")
+    raw = tmp_path / "raw"
+    shutil.copytree(sim.raw_dir, raw)
+    if broken_raw:
+        first = sorted(raw.glob("*.fits"))[0]
+        first.write_bytes(first.read_bytes()[:-10000])  # cut inside the data
+    (multrun,) = discover(raw)
+    with pytest.raises(IoiError) as exc:
+        reduce_multrun(multrun, pipe, paths, tmp_path / "out")
+    assert exc.value.exit_code == ExitCode.FLAT_FILE_MISSING
+    assert "no_such_flat.fits" in str(exc.value)
+    assert not list((tmp_path / "out").glob("*.fits"))
+    if broken_raw:  # with the calibration there, the raw file's own error
+        with pytest.raises(IoiError, match=first.name):
+            reduce_multrun(multrun, pipe, load_settings(pipeline_ini=sim.pipeline_ini, paths_ini=sim.paths_ini)[1],
+                           tmp_path / "out2")
