@@ -66,7 +66,7 @@ def test_noise_free_ramp_gives_rate_times_exptime(method):
     exptime = out.header["EXPTIME"]
     assert_allclose(out.science, rate * exptime, rtol=1e-5)
     assert out.science.dtype == np.float32 and out.variance.dtype == np.float32
-    assert out.quality.dtype == np.uint32 and (out.quality == 0).all()
+    assert out.quality.dtype == np.uint16 and (out.quality == 0).all()
     assert (out.variance > 0).all()
 
 

@@ -264,7 +264,7 @@ def test_resampling_into_reused_planes_writes_every_pixel(matrix, chunk_rows, mo
     t = R.Transform(matrix=np.array(matrix))
     want = R.resample_frame(frame, t)
     out = (np.full(frame.shape, 7.0, np.float32), np.full(frame.shape, -3.0, np.float32),
-           np.full(frame.shape, 12345, np.uint32))
+           np.full(frame.shape, 12345, np.uint16))
     got = R.resample_frame(frame, t, out=out)
     for plane, name in zip(out, ("science", "variance", "quality")):
         assert getattr(got, name) is plane

@@ -204,7 +204,7 @@ def test_accumulator_sums_are_those_of_adding_only_where_valid(data, n, rows):
         sci = data.draw(hnp.arrays(np.float32, shape, elements=_values))
         var = data.draw(hnp.arrays(np.float32, shape, elements=_values))
         q = data.draw(hnp.arrays(np.uint32, shape, elements=st.sampled_from(
-            [0, int(DQ.DO_NOT_USE), int(DQ.MASKED), int(DQ.DO_NOT_USE | DQ.NO_OVERLAP), 1 << 20])))
+            [0, int(DQ.DO_NOT_USE), int(DQ.MASKED), int(DQ.DO_NOT_USE | DQ.NO_OVERLAP), 1 << 15])))
         frames.append(Frame(science=sci, variance=var, quality=q, header=fits.Header()))
     acc = K.StackAccumulator("COADD")
     total, vtot = np.zeros(shape, np.float32), np.zeros(shape, np.float32)

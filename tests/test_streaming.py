@@ -196,7 +196,7 @@ def test_subtracted_into_reused_planes_is_the_same_frame(chunk_rows, monkeypatch
     model.subtract_in_place()
     for i in range(5):
         want = model.subtracted(i)
-        out = (np.full(want.shape, 9.0, np.float32), np.full(want.shape, 77, np.uint32))
+        out = (np.full(want.shape, 9.0, np.float32), np.full(want.shape, 77, np.uint16))
         got = model.subtracted(i, out=out)
         assert got.variance is out[0] and got.quality is out[1]
         np.testing.assert_array_equal(got.variance, want.variance)

@@ -583,6 +583,8 @@ def _quality_dtype(quality):
     """uint16 for a quality plane whose values fit (every bit of :class:`ioi.frame.DQ` does):
     half the bytes of uint32 to write and store, the same values read back; else uint32."""
     quality = np.asarray(quality)
+    if quality.dtype in (np.uint8, np.uint16):  # the pipeline's own planes: no pass over them
+        return np.uint16
     if quality.size and (quality.dtype.kind not in "ui" or int(quality.max()) > 0xFFFF
                          or (quality.dtype.kind == "i" and int(quality.min()) < 0)):
         return np.uint32

@@ -32,7 +32,7 @@ from ioi.calibration import Calibration, load_calibration
 from ioi.config import PathsConfig, PipelineConfig
 from ioi.discovery import LT, DitherSequence, Multrun
 from ioi.errors import ExitCode, IoiError, StageWarning
-from ioi.frame import DQ, GAIN_BY_ASICGAIN, Frame, Ramp
+from ioi.frame import DQ, GAIN_BY_ASICGAIN, QUALITY_DTYPE, Frame, Ramp
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def read_ramp(seq: DitherSequence, *, saturation_level: float, reuse_buffers: bo
         group=np.array([int(r.header.get("SEQNUM_M", r.group)) for r in seq.reads]),
         index=np.array([int(r.header.get("SEQNUM_N", r.exposure)) for r in seq.reads]),
         header=header0,
-        quality=_zeroed(_thread_buffer("quality", data0.shape, np.uint32)) if reuse_buffers
-        else np.zeros(data0.shape, dtype=np.uint32),
+        quality=_zeroed(_thread_buffer("quality", data0.shape, QUALITY_DTYPE)) if reuse_buffers
+        else np.zeros(data0.shape, dtype=QUALITY_DTYPE),
         saturated=saturated,
         names=tuple(r.path.name for r in seq.reads),
     )
@@ -510,7 +510,7 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
         try:
             return resampled_planes.get_nowait()
         except queue.Empty:
-            return (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.uint32))
+            return (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, QUALITY_DTYPE))
 
     # the last frame is resampled on every thread: nothing else is left to run beside it
     last_threads = pipeline_threads()
@@ -524,7 +524,7 @@ def _finish_frames(multrun, frames, pipe, cal, run, out_dir, detection, dithered
             # the reference frame goes into the stack as it is: its planes must be its own
             kept_as_is = t is not None and stack_wanted and i == 0
             out = None if kept_as_is else (_thread_buffer("ss_variance", nonss.shape, np.float32),
-                                           _thread_buffer("ss_quality", nonss.shape, np.uint32))
+                                           _thread_buffer("ss_quality", nonss.shape, QUALITY_DTYPE))
             ss = model.subtracted(i, nonss, out=out)
         seconds = {}
         stats[i] = _dither_stats(seq, nonss, ss, t)
@@ -666,7 +666,7 @@ def _write_l1(path: Path, nonss: Frame, ss, cards, transform):
 def _restamp(product, cards):
     """A pending L1 product written again with other provenance keywords and
     without the registration shifts (registration failed after it was written)."""
-    with fits.open(product.tmp, memmap=False) as hdul:  # the DQ planes are scaled (uint32): no memmap
+    with fits.open(product.tmp, memmap=False) as hdul:  # the DQ planes are scaled (uint16): no memmap
         hdus = [h.copy() for h in hdul]
     for key, value, comment in cards:
         hdus[0].header[key] = (value, comment)

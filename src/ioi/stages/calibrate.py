@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ioi.errors import ExitCode
-from ioi.frame import DQ, Frame
+from ioi.frame import DQ, QUALITY_DTYPE, Frame, as_quality
 from ioi.stages.nonlinearity import check_calibration_shape
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def apply_flat(frame: Frame, flat, *, path=None, in_place: bool = False) -> Fram
     in_place : bool
         Divide the frame's own science and variance (and flag its quality)
         instead of making new arrays, when they are writeable C-contiguous
-        float32 (uint32 quality); for a caller that owns the frame and no
+        float32 (uint16 quality); for a caller that owns the frame and no
         longer needs it unflattened (the pipeline: no fresh frame-sized arrays).
 
     Returns
@@ -123,14 +123,15 @@ def _writeable(array, dtype) -> bool:
 
 def _with_flags(quality, flat_index, flags, *, in_place: bool = False) -> np.ndarray:
     """``quality`` with ``flags`` ORed in at ``flat_index`` (indices into the raveled frame):
-    a copy, or ``quality`` itself with ``in_place`` when it is a writeable uint32 array.
+    a copy (uint16, :data:`ioi.frame.QUALITY_DTYPE`), or ``quality`` itself with ``in_place``
+    when it is a writeable array of that dtype.
 
     Flat indices rather than a boolean mask: an in-place OR through a boolean
     index gathers and scatters by the mask twice, about 5 times slower.
     """
-    own = in_place and _writeable(quality, np.uint32)
-    out = quality if own else np.array(quality, dtype=np.uint32, order="C", copy=True)
-    out.reshape(-1)[flat_index] |= np.uint32(flags)
+    own = in_place and _writeable(quality, QUALITY_DTYPE)
+    out = quality if own else np.array(as_quality(quality), order="C", copy=True)
+    out.reshape(-1)[flat_index] |= QUALITY_DTYPE.type(flags)
     return out
 
 

@@ -37,7 +37,7 @@ from astropy.io import fits
 
 from ioi._parallel import thread_map
 from ioi.errors import ConfigError, ExitCode, StageError
-from ioi.frame import DQ, Frame, Ramp
+from ioi.frame import DQ, QUALITY_DTYPE, Frame, Ramp, as_quality
 from ioi.stages.nonlinearity import check_calibration_shape, horner_factor, horner_poly
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ def _saturated(ramp: Ramp) -> np.ndarray:
 
 def _quality(ramp: Ramp) -> np.ndarray:
     if ramp.quality is None:
-        return np.zeros(ramp.reads.shape[1:], dtype=np.uint32)
-    return np.array(ramp.quality, dtype=np.uint32, copy=True)
+        return np.zeros(ramp.reads.shape[1:], dtype=QUALITY_DTYPE)
+    return np.array(as_quality(ramp.quality), copy=True)
 
 
 def _need_reads(ramp: Ramp, what: str = "CDS") -> None:
@@ -198,7 +198,7 @@ def _combine_pairs(ramp: Ramp, linearity, plan: _Pairs, chunk_rows: int):
     ny, nx = ramp.reads.shape[1:]
     science = np.empty((ny, nx), dtype=np.float32)
     variance = np.empty((ny, nx), dtype=np.float32)
-    quality = np.zeros((ny, nx), dtype=np.uint32) if ramp.quality is None else np.empty((ny, nx), dtype=np.uint32)
+    quality = np.zeros((ny, nx), dtype=QUALITY_DTYPE) if ramp.quality is None else np.empty((ny, nx), QUALITY_DTYPE)
     sat = None if ramp.saturated is None else np.asarray(ramp.saturated, dtype=bool)
 
     def part(r0):
@@ -316,15 +316,15 @@ def _pairs_irregular(reads, sat, linearity, plan: _Pairs, pixels, science, varia
         cov = np.einsum("kl,km,lm->m", overlap, used.astype(np.float64), used.astype(np.float64))
         poisson = mean_obs / time_used / plan.gain * cov / nused**2
         var = (2.0 * plan.read_noise**2 / nused + poisson) * mean_factor**2
-    flags = np.zeros(m, dtype=np.uint32)
-    flags[nused < n] |= np.uint32(DQ.SATURATED)
+    flags = np.zeros(m, dtype=QUALITY_DTYPE)
+    flags[nused < n] |= QUALITY_DTYPE.type(DQ.SATURATED)
     none = np.flatnonzero(nused == 0)
     if none.size:
         counts, fvar, ok = _fallback(r[:, none], sat[:, none], None if coeff is None else coeff[:, none],
                                      None if rate is None else rate[none], plan)
         sci[none] = np.where(ok, counts, np.nan)
         var[none] = np.where(ok, fvar, np.nan)
-        flags[none[~ok]] |= np.uint32(DQ.DO_NOT_USE)
+        flags[none[~ok]] |= QUALITY_DTYPE.type(DQ.DO_NOT_USE)
     science[pixels] = sci
     variance[pixels] = var
     quality[pixels] |= flags
@@ -660,9 +660,9 @@ def _fit_chunk(reads, sat, t, t0_abs, coeff, *, gain, read_noise, jump_sigma):
     jumps = _find_jumps(np.diff(y, axis=0) / dt[:, None], valid[1:], dt,
                         gain=gain, read_noise=read_noise, jump_sigma=jump_sigma)
     has_jump = jumps.any(axis=0)
-    flags = np.zeros(npix, dtype=np.uint32)
-    flags[nvalid < nreads] |= np.uint32(DQ.SATURATED)
-    flags[has_jump] |= np.uint32(DQ.JUMP_DET)
+    flags = np.zeros(npix, dtype=QUALITY_DTYPE)
+    flags[nvalid < nreads] |= QUALITY_DTYPE.type(DQ.SATURATED)
+    flags[has_jump] |= QUALITY_DTYPE.type(DQ.JUMP_DET)
 
     # clean pixels: every read, one segment: fixed weights, float64 accumulation
     w = (t - t.mean()) / np.sum((t - t.mean()) ** 2)
@@ -682,9 +682,9 @@ def _fit_chunk(reads, sat, t, t0_abs, coeff, *, gain, read_noise, jump_sigma):
         last = np.maximum(nvalid - 1, 0)
         var *= np.take_along_axis(factor, last[None, :], axis=0)[0] ** 2
     too_few = nvalid < 2
-    flags[too_few] |= np.uint32(DQ.SATURATED | DQ.DO_NOT_USE)
+    flags[too_few] |= QUALITY_DTYPE.type(DQ.SATURATED | DQ.DO_NOT_USE)
     unfit = ~(sxx > 0) | too_few
-    flags[unfit] |= np.uint32(DQ.DO_NOT_USE)
+    flags[unfit] |= QUALITY_DTYPE.type(DQ.DO_NOT_USE)
     slope[unfit] = np.nan
     var[unfit] = np.nan
     return slope, var, flags, int(jumps.sum())

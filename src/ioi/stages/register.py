@@ -37,7 +37,7 @@ from ioi._memory import Scratch
 from ioi._parallel import thread_map
 from ioi._sideproc import direct_call
 from ioi.errors import ConfigError, ExitCode, IoiError, StageError
-from ioi.frame import DQ, Frame, flagged
+from ioi.frame import DQ, QUALITY_DTYPE, Frame, as_quality, flagged
 from ioi.stages.sky import box_means_at, fill_nan_box_mean
 
 log = logging.getLogger(__name__)
@@ -537,17 +537,17 @@ def _bad_weight_at(bad, rows: slice, cols: slice, shift, scratch=None):
 
 
 def _output_planes(shape, out):
-    """(science float32, variance float32, quality uint32) planes of ``shape`` to resample into:
+    """(science float32, variance float32, quality uint16) planes of ``shape`` to resample into:
     ``out`` when given (checked), else new arrays."""
     if out is None:
         return (np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32),
-                np.empty(shape, dtype=np.uint32))
+                np.empty(shape, dtype=QUALITY_DTYPE))
     planes = tuple(out)
-    want = (np.float32, np.float32, np.uint32)
+    want = (np.float32, np.float32, QUALITY_DTYPE)
     if len(planes) != 3 or any(not isinstance(p, np.ndarray) or p.shape != tuple(shape) or p.dtype != d
                                or not p.flags.c_contiguous or not p.flags.writeable
                                for p, d in zip(planes, want)):
-        raise ValueError(f"out must be writeable C-contiguous float32, float32, uint32 planes of shape {shape}")
+        raise ValueError(f"out must be writeable C-contiguous float32, float32, uint16 planes of shape {shape}")
     return planes
 
 
@@ -570,12 +570,12 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     to the bit).
     """
     science_in = np.asarray(frame.science, dtype=np.float32)
-    quality_in = np.asarray(frame.quality, dtype=np.uint32)
+    quality_in = as_quality(frame.quality)
     variance_in = np.asarray(frame.variance, dtype=np.float32)
     ny, nx = science_in.shape
     rows, cols = _overlap(shift[0], ny), _overlap(shift[1], nx)
     science, variance, quality = _output_planes((ny, nx), out)
-    no_overlap = np.uint32(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
+    no_overlap = QUALITY_DTYPE.type(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
     for plane, fill in ((science, np.nan), (variance, np.nan), (quality, no_overlap)):
         plane[:rows.start], plane[rows.stop:] = fill, fill
         plane[:, :cols.start], plane[:, cols.stop:] = fill, fill
@@ -607,7 +607,7 @@ def _resample_shift(frame: Frame, shift, order: int, bad_threshold: float, out=N
     qfy, _ = _axis_taps(shift[0], 0)
     qfx, _ = _axis_taps(shift[1], 0)
     qcols = _clamped(cols.start + qfx, cols.stop + qfx, nx)
-    keep_bits = ~np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
+    keep_bits = ~QUALITY_DTYPE.type(DQ.DO_NOT_USE | DQ.MASKED)
 
     def chunk(a):
         b = min(a + _CHUNK_ROWS, rows.stop)
@@ -667,7 +667,7 @@ def _mask_bad(science, variance, quality, idx, badmask, bad_threshold: float) ->
     science.reshape(-1)[idx] = np.nan
     var[idx] = np.nan
     q = quality.reshape(-1)
-    q[idx] = q.take(idx) | np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
+    q[idx] = q.take(idx) | QUALITY_DTYPE.type(DQ.DO_NOT_USE | DQ.MASKED)
 
 
 _FILL_BOX = 5  # px: bad pixels take the mean of the good ones in this box before interpolation
@@ -698,7 +698,7 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     order : int
         Spline order for the science (3: cubic, the default; 1: linear).
     out : (science, variance, quality) arrays, optional
-        Writeable C-contiguous float32, float32 and uint32 planes of the
+        Writeable C-contiguous float32, float32 and uint16 planes of the
         frame's shape to resample into (e.g. reused from an earlier frame),
         instead of new arrays.  They must not be the input's own.
     scratch : ioi._memory.Scratch, optional
@@ -742,7 +742,7 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
 
     # One plane at a time, each input temporary released once warped.
     science_in = np.asarray(frame.science, dtype=np.float32)
-    quality_in = np.asarray(frame.quality, dtype=np.uint32)
+    quality_in = as_quality(frame.quality)
     bad = _bad_pixels(science_in, quality_in)
     if bad.any():
         # Bad pixels take the mean of their good neighbours before the spline
@@ -755,9 +755,9 @@ def resample_frame(frame: Frame, transform: Transform, *, bad_threshold: float =
     variance_in = np.asarray(frame.variance, dtype=np.float32)
     variance = warp(np.where(bad | ~np.isfinite(variance_in), np.float32(0.0), variance_in), 1, planes[1])
     del bad
-    no_overlap = np.uint32(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
+    no_overlap = QUALITY_DTYPE.type(DQ.NO_OVERLAP | DQ.DO_NOT_USE)
     quality = warp(quality_in, 0, planes[2])
-    quality &= ~np.uint32(DQ.DO_NOT_USE | DQ.MASKED)
+    quality &= ~QUALITY_DTYPE.type(DQ.DO_NOT_USE | DQ.MASKED)
     idx = np.flatnonzero(badmask > 0)
     _mask_bad(science, variance, quality, idx, badmask.reshape(-1).take(idx), bad_threshold)
     # Where each output pixel centre lands in the input (broadcast, no full grids).

@@ -38,7 +38,7 @@ from scipy import ndimage
 from ioi._parallel import thread_map
 from ioi._sideproc import direct_call
 from ioi.errors import ExitCode, IoiError, StageError, StageWarning
-from ioi.frame import DQ, flagged
+from ioi.frame import DQ, QUALITY_DTYPE, as_quality, flagged
 
 log = logging.getLogger(__name__)
 
@@ -1045,29 +1045,29 @@ class SkyModel:
         quality with SOURCE on masked source pixels and NO_SKY|DO_NOT_USE where
         no sky could be made.  ``frame``: frame ``i`` itself when the caller
         has released it from the model (see :meth:`release`).  ``out``:
-        (variance float32, quality uint32) planes to write into (e.g. reused
+        (variance float32, quality uint16) planes to write into (e.g. reused
         from an earlier frame) instead of new ones."""
         f = self.frames[i] if frame is None else frame
         var_out = q_out = None
         if out is not None:
             var_out, q_out = out
-            if (var_out.dtype != np.float32 or q_out.dtype != np.uint32 or var_out.shape != f.shape
+            if (var_out.dtype != np.float32 or q_out.dtype != QUALITY_DTYPE or var_out.shape != f.shape
                     or q_out.shape != f.shape):
-                raise ValueError(f"out must be float32 and uint32 planes of shape {f.shape}")
+                raise ValueError(f"out must be float32 and uint16 planes of shape {f.shape}")
         science = self.science(i, f)
         variance = self.sky_variance(i, f, out=var_out)
         variance += f.variance
         if q_out is None:
-            quality = np.array(f.quality, dtype=np.uint32, copy=True)
+            quality = np.array(as_quality(f.quality), copy=True)
         else:
             quality = q_out
-            np.copyto(quality, f.quality, casting="unsafe")
+            np.copyto(quality, as_quality(f.quality))
         if self._nosky[i].size:
-            quality.reshape(-1)[self._nosky[i]] |= np.uint32(DQ.NO_SKY | DQ.DO_NOT_USE)
+            quality.reshape(-1)[self._nosky[i]] |= QUALITY_DTYPE.type(DQ.NO_SKY | DQ.DO_NOT_USE)
         if self._masks is not None:
             for r in range(0, quality.shape[0], _VAR_ROWS):
                 rows = slice(r, r + _VAR_ROWS)
-                np.bitwise_or(quality[rows], np.uint32(DQ.SOURCE), out=quality[rows],
+                np.bitwise_or(quality[rows], QUALITY_DTYPE.type(DQ.SOURCE), out=quality[rows],
                               where=_unpack_rows(self._masks[i], r, r + _VAR_ROWS))
         hdr = f.header.copy()
         for key, value, comment in self._keywords[i]:
