@@ -369,8 +369,6 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _import_in_background(_STAGE_MODULES)
-    if isinstance(side_processes, SideProcesses):
-        side_processes.start()  # all of the caller's children, started while the first dithers are read
     result = ReductionResult(multrun=multrun.name)
     run = _Run(result)
     cal = calibration if calibration is not None else load_calibration(pipe, paths, flip=flip)
@@ -393,7 +391,13 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
                 bad_pixels = combined_bad_pixel_mask(cal.masks, shape)
             done = pool.map(lambda seq: process_dither(seq, pipe, cal, run, out_dir, multrun.name, bad_pixels),
                             multrun.dithers)
+            n_dithers = len(multrun.dithers)
             for i, (seq, frame) in enumerate(zip(multrun.dithers, done)):
+                if isinstance(side_processes, SideProcesses) and i >= n_dithers - 2:
+                    # the rest of the caller's children, started as the last dither runs alone on
+                    # one core (their start-up would otherwise take CPU from two busy dithers);
+                    # ready for the sky's source masks
+                    side_processes.start()
                 frames.append(frame)
                 if progress:
                     progress(i + 1, len(multrun.dithers), f"{multrun.name} dither {seq.dither}")
