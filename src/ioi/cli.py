@@ -179,8 +179,8 @@ def _side_processes_for(data: Path, serial: bool):
     For a serial run of full-size data: sep's side processes, the first started now,
     before the pipeline's imports (0.5 s on one core), so that its own start-up
     (numpy and sep, ~0.2 s of CPU) runs on the idle core instead of during the
-    reduction (the second starts with the reduction, while the first dithers are
-    read); they serve every multrun of the run and end with it.  Otherwise True (the
+    reduction (the pipeline starts the second as its last dither runs alone on one
+    core); they serve every multrun of the run and end with it.  Otherwise True (the
     pipeline decides per multrun).  A wrong guess costs only speed: the products are
     the same with or without them.
     """
@@ -189,7 +189,7 @@ def _side_processes_for(data: Path, serial: bool):
         return
     from ioi._sideproc import sep_side_processes
 
-    side = sep_side_processes().start(1)  # the other when the reduction starts: not 3 processes on 2 cores now
+    side = sep_side_processes().start(1)  # the other near the end of the ramps: not 3 processes on 2 cores now
     try:
         yield side
     finally:

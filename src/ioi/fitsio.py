@@ -403,8 +403,9 @@ def _write_streamed(fh, hdul) -> None:
 # Direct I/O (Linux O_DIRECT): the products bypass the page cache.  A buffered write
 # copies every byte into page-cache pages the kernel must first find (and, on a
 # virtual machine whose host has taken back the guest's free memory, fault in from
-# the host): on the benchmark machine (2-core KVM, 2026-12-04) 0.4-1.8 s of system
-# CPU per GB, against 0.05 s for O_DIRECT, whose wait for the disk costs no CPU.  The
+# the host): on the benchmark machine (a 2-core AMD EPYC virtual machine, 2026-12-04)
+# `dd` of 763 MB took 0.2-2.3 s of system CPU, against 0.05 s with O_DIRECT, whose
+# wait for the disk (0.35-0.44 s there) costs no CPU.  The
 # data go out in aligned blocks from an aligned buffer; the last block is padded and
 # the file truncated to its length.  Where the file system refuses O_DIRECT (EINVAL),
 # or IOI_DIRECT_IO=0, the file is written through the page cache as before.  No

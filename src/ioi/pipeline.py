@@ -358,9 +358,10 @@ def reduce_multrun(multrun: Multrun, pipe: PipelineConfig, paths: PathsConfig, o
     holds the GIL; the products are the same either way.  True: children started
     for this multrun (and ended with it); a running
     :class:`~ioi._sideproc.SideProcesses` (preloading ``ioi.stages._sep``): those
-    children, left running for the caller to close (the command line starts them
-    as it starts, so that their start-up overlaps its own, and shares them among
-    the multruns of a run); False: sep runs in this process.  Off where other
+    children, left running for the caller to close (the command line starts one
+    as it starts, so that its start-up overlaps its own, and shares them among
+    the multruns of a run; the rest are started here as the last dither runs
+    alone); False: sep runs in this process.  Off where other
     processes already share the cores (``--workers``, a Dask cluster).
 
     Non-fatal problems (codes 18, 30, 34) are logged and listed in the result;
