@@ -14,6 +14,13 @@ from hypothesis import strategies as st
 from ioi import fitsio
 from ioi.frame import DQ, Frame
 
+@pytest.fixture(autouse=True)
+def _fresh_direct_rate(monkeypatch):
+    """Each test starts with no direct writes measured (the rate is process-wide: slow
+    writes of an earlier test would otherwise turn this one's to the page cache)."""
+    monkeypatch.setattr(fitsio, "_DIRECT_RATE", fitsio._DirectRate())
+
+
 DTYPES = ["float32", "float64", "int16", "int32", "uint8", "uint16", "uint32", "int64", "uint64"]
 
 
@@ -424,3 +431,35 @@ def test_direct_io_can_be_switched_off(tmp_path, monkeypatch):
     monkeypatch.setenv("IOI_DIRECT_IO", "0")
     monkeypatch.setattr(fitsio, "_DirectFile", None)  # would fail if used
     _assert_same_file(tmp_path, lambda: fits.HDUList([fits.PrimaryHDU(_bits((20, 30), "int32"))]), monkeypatch)
+
+
+def test_slow_direct_writes_turn_to_the_page_cache(tmp_path, monkeypatch, caplog):
+    """Once the process's direct writes have gone out slower than _DIRECT_MIN_RATE (a
+    spinning disk, a busy network file system), later products are written through the
+    page cache, whose writes return without waiting for the disk: the same bytes."""
+    import logging
+    import os
+    import time as _time
+
+    if not _direct_io_works(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    monkeypatch.setattr(fitsio, "_DIRECT_PROBE_BYTES", 8192)
+    monkeypatch.setattr(fitsio, "_DIRECT_BYTES", 4096)
+    real_write = os.write
+
+    def slow_write(fd, b):
+        _time.sleep(0.002)  # 4 KiB in 2 ms: about 2 MB/s
+        return real_write(fd, b)
+
+    finished = []
+    real_finish = fitsio._DirectFile.finish
+    monkeypatch.setattr(fitsio._DirectFile, "finish", lambda self: finished.append(1) or real_finish(self))
+    data = _bits((60, 70), "float32", seed=9)
+    make = lambda: fits.HDUList([fits.PrimaryHDU(data), fits.ImageHDU(data[::-1])])  # noqa: E731
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="ioi.fitsio"):
+        m.setattr(fitsio.os, "write", slow_write)
+        _assert_same_file(tmp_path, make, monkeypatch)  # direct, found slow
+        assert finished == [1] and fitsio._DIRECT_RATE.slow
+        _assert_same_file(tmp_path, make, monkeypatch)  # through the page cache
+    assert finished == [1]
+    assert "page cache from now on" in caplog.text
