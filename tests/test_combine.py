@@ -440,3 +440,17 @@ def test_fowler_without_group_keywords_pairs_by_inttime():
     with pytest.raises(IoiError) as exc:
         combine_fowler(odd, pairs=1, gain=GAIN, read_noise=RN)
     assert exc.value.exit_code == 32
+
+
+@pytest.mark.parametrize("method", ["CDS", "FOWLER", "UTR"])
+def test_ramp_flags_beyond_16_bits_are_refused_by_every_method(method):
+    """The ramp's quality goes into uint16 planes: every combination checks it (as_quality)
+    rather than letting an assignment cut bits off."""
+    ramp, _ = make_ramp(_rate(), header=_header(), **_layouts()[method])
+    q = np.zeros(ramp.reads.shape[1:], np.uint32)
+    ok = ramp.replace(quality=q | np.uint32(DQ.DEAD))
+    out = _combine(method, ok)
+    assert out.quality.dtype == np.uint16 and ((out.quality & DQ.DEAD) != 0).all()
+    q[0, 0] = 1 << 20
+    with pytest.raises(ValueError, match="16 bits"):
+        _combine(method, ramp.replace(quality=q))

@@ -198,13 +198,14 @@ def _combine_pairs(ramp: Ramp, linearity, plan: _Pairs, chunk_rows: int):
     ny, nx = ramp.reads.shape[1:]
     science = np.empty((ny, nx), dtype=np.float32)
     variance = np.empty((ny, nx), dtype=np.float32)
-    quality = np.zeros((ny, nx), dtype=QUALITY_DTYPE) if ramp.quality is None else np.empty((ny, nx), QUALITY_DTYPE)
+    flags_in = None if ramp.quality is None else as_quality(ramp.quality)  # checked as every path checks it
+    quality = np.zeros((ny, nx), dtype=QUALITY_DTYPE) if flags_in is None else np.empty((ny, nx), QUALITY_DTYPE)
     sat = None if ramp.saturated is None else np.asarray(ramp.saturated, dtype=bool)
 
     def part(r0):
         rows = slice(r0, min(ny, r0 + chunk_rows))
-        if ramp.quality is not None:
-            quality[rows] = ramp.quality[rows]  # the input flags, copied chunk by chunk
+        if flags_in is not None:
+            quality[rows] = flags_in[rows]  # the input flags, copied chunk by chunk
         flat = _pairs_chunk(ramp.reads[:, rows], None if sat is None else sat[:, rows],
                             None if linearity is None else linearity[:, rows], plan, science[rows], variance[rows])
         return flat + r0 * nx  # flat indices into the frame
